@@ -1,0 +1,1 @@
+"""Model definitions (Llama family, OPT) in Flax, configs, and checkpoint loading."""

@@ -1,0 +1,54 @@
+"""Llama-family decoder layer: Llama 2/3, Mistral (sliding window), Qwen2 (qkv bias).
+
+RMSNorm, RoPE (optionally llama3-scaled), GQA/MQA with any head_dim, SwiGLU MLP.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from distserve_jax.models.attention import AttentionFn, AttentionMetadata, KVPages
+from distserve_jax.models.config import ModelConfig
+from distserve_jax.models.layers import Linear, RMSNorm, apply_rope
+
+
+class LlamaAttention(nn.Module):
+    cfg: ModelConfig
+    attention_fn: AttentionFn
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, meta: AttentionMetadata, pages: KVPages) -> tuple[jax.Array, KVPages]:
+        c = self.cfg
+        t = x.shape[0]
+        q = Linear(c.num_heads * c.head_dim, c.attention_bias, self.dtype, name="q_proj")(x)
+        k = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype, name="k_proj")(x)
+        v = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype, name="v_proj")(x)
+        q = apply_rope(q.reshape(t, c.num_heads, c.head_dim), meta.positions, c)
+        k = apply_rope(k.reshape(t, c.num_kv_heads, c.head_dim), meta.positions, c)
+        v = v.reshape(t, c.num_kv_heads, c.head_dim)
+        out, pages = self.attention_fn(q, k, v, pages, meta)
+        out = Linear(c.hidden_size, c.o_proj_bias, self.dtype, name="o_proj")(out.reshape(t, -1))
+        return out, pages
+
+
+class LlamaLayer(nn.Module):
+    """One pre-norm decoder layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    cfg: ModelConfig
+    attention_fn: AttentionFn
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, meta: AttentionMetadata, pages: KVPages) -> tuple[jax.Array, KVPages]:
+        c = self.cfg
+        h = RMSNorm(c.norm_eps, self.dtype, name="input_layernorm")(x)
+        h, pages = LlamaAttention(c, self.attention_fn, self.dtype, name="self_attn")(h, meta, pages)
+        x = x + h
+        h = RMSNorm(c.norm_eps, self.dtype, name="post_attention_layernorm")(x)
+        gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(h)
+        up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(h)
+        h = Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        return x + h, pages

@@ -1,0 +1,1 @@
+"""Device-side runtime: meshes, shardings, jitted step functions, paged KV cache, sampling."""

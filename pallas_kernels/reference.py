@@ -1,0 +1,176 @@
+"""Pure-jnp reference attention for serving: ragged prefill and paged decode.
+
+These functions define the numerical contract every kernel in `pallas_kernels/` is tested
+against, and they are the `reference` backend of the dispatcher (`dispatch.py`).
+
+Cache layout (shared by the runtime and every kernel): one K and one V array per layer,
+`[num_kv_heads, num_pages, page_size, head_dim]`. Page 0 is never handed to a request: padded
+tokens write there and padded sequences read nothing.
+
+Sliding window (Mistral): a query at position p attends to keys at positions k with
+`p - window < k <= p`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_MASK = -1e30
+
+
+def _window_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    """Causal (and optional sliding-window) mask of shape q_pos.shape + k_pos.shape[-1:]."""
+    allowed = k_pos <= q_pos
+    if sliding_window is not None:
+        allowed &= k_pos > q_pos - sliding_window
+    return allowed
+
+
+def ragged_prefill_attention_ref(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    query_start_loc: jax.Array,
+    context_lens: jax.Array,
+    *,
+    k_pages: jax.Array | None = None,
+    v_pages: jax.Array | None = None,
+    block_tables: jax.Array | None = None,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """Causal attention over a packed batch of prompt chunks.
+
+    Args:
+      q: `[num_tokens, num_q_heads, head_dim]` queries of all sequences, packed; tokens past
+        `query_start_loc[-1]` are padding.
+      k, v: `[num_tokens, num_kv_heads, head_dim]` keys/values of the same tokens.
+      query_start_loc: `[num_seqs + 1]` int32 offsets of each sequence's tokens in `q`;
+        padded sequences repeat the last offset (zero tokens).
+      context_lens: `[num_seqs]` int32 tokens of each sequence already in the paged cache
+        before this chunk (0 for a plain prefill). Query i of sequence s has position
+        `context_lens[s] + i`.
+      k_pages, v_pages: `[num_kv_heads, num_pages, page_size, head_dim]` paged cache holding the
+        earlier context; required when any context length is > 0.
+      block_tables: `[num_seqs, max_blocks]` int32 page ids of each sequence.
+      scale: softmax scale.
+      sliding_window: optional window size.
+
+    Returns:
+      `[num_tokens, num_q_heads, head_dim]`; padding tokens get zeros.
+    """
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    group = num_q_heads // num_kv_heads
+    num_seqs = context_lens.shape[0]
+
+    tok = jnp.arange(num_tokens, dtype=jnp.int32)
+    # Sequence id of every token (num_seqs for padding tokens).
+    seq_id = jnp.searchsorted(query_start_loc[1:], tok, side="right").astype(jnp.int32)
+    valid = tok < query_start_loc[-1]
+    seq_c = jnp.minimum(seq_id, num_seqs - 1)
+    ctx = jnp.where(valid, context_lens[seq_c], 0)
+    pos = ctx + tok - query_start_loc[seq_c]
+
+    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
+    # Scores against the chunk itself: [kv_heads, group, T, T].
+    s_new = jnp.einsum("qhgd,khd->hgqk", qf, k.astype(jnp.float32)) * scale
+    same = (seq_id[:, None] == seq_id[None, :]) & valid[:, None] & valid[None, :]
+    mask_new = same & _window_mask(pos[:, None], pos[None, :], sliding_window)
+    s_new = jnp.where(mask_new[None, None], s_new, _MASK)
+    scores = [s_new]
+    values = [(v.astype(jnp.float32), mask_new)]
+
+    if k_pages is not None:
+        # Scores against each token's cached context: gather its sequence's pages.
+        page_size = k_pages.shape[2]
+        max_blocks = block_tables.shape[1]
+        kc = k_pages[:, block_tables].reshape(num_kv_heads, num_seqs, max_blocks * page_size, head_dim)
+        vc = v_pages[:, block_tables].reshape(num_kv_heads, num_seqs, max_blocks * page_size, head_dim)
+        kc_tok = kc[:, seq_c].astype(jnp.float32)  # [H, T, C, D]
+        vc_tok = vc[:, seq_c].astype(jnp.float32)
+        cpos = jnp.arange(max_blocks * page_size, dtype=jnp.int32)
+        mask_ctx = (cpos[None, :] < ctx[:, None]) & valid[:, None]
+        mask_ctx &= _window_mask(pos[:, None], cpos[None, :], sliding_window)
+        s_ctx = jnp.einsum("qhgd,hqcd->hgqc", qf, kc_tok) * scale
+        s_ctx = jnp.where(mask_ctx[None, None], s_ctx, _MASK)
+        scores.append(s_ctx)
+
+    s = jnp.concatenate(scores, axis=-1)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    all_masked = m <= _MASK / 2
+    p = jnp.where(all_masked, 0.0, p)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    n_new = num_tokens
+    out = jnp.einsum("hgqk,khd->qhgd", p[..., :n_new], values[0][0])
+    if k_pages is not None:
+        out = out + jnp.einsum("hgqc,hqcd->qhgd", p[..., n_new:], vc_tok)
+    return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+def paged_decode_attention_ref(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    block_tables: jax.Array,
+    lengths: jax.Array,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+) -> jax.Array:
+    """One query token per sequence against its paged K/V.
+
+    Args:
+      q: `[num_seqs, num_q_heads, head_dim]`, the query of each sequence's newest token.
+      k_pages, v_pages: `[num_kv_heads, num_pages, page_size, head_dim]`.
+      block_tables: `[num_seqs, max_blocks]` int32 page ids.
+      lengths: `[num_seqs]` int32 tokens in the cache for each sequence, the newest token
+        included (its K/V already written); 0 marks an empty slot.
+      scale: softmax scale.
+      sliding_window: optional window size.
+
+    Returns:
+      `[num_seqs, num_q_heads, head_dim]`; empty slots get zeros.
+    """
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads, _, page_size, _ = k_pages.shape
+    group = num_q_heads // num_kv_heads
+    max_blocks = block_tables.shape[1]
+    ctx = max_blocks * page_size
+
+    k = k_pages[:, block_tables].reshape(num_kv_heads, num_seqs, ctx, head_dim)
+    v = v_pages[:, block_tables].reshape(num_kv_heads, num_seqs, ctx, head_dim)
+    qf = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, group, head_dim)
+    s = jnp.einsum("bhgd,hbcd->bhgc", qf, k.astype(jnp.float32)) * scale
+    cpos = jnp.arange(ctx, dtype=jnp.int32)
+    pos = lengths - 1
+    mask = _window_mask(pos[:, None], cpos[None, :], sliding_window) & (cpos[None, :] < lengths[:, None])
+    s = jnp.where(mask[:, None, None, :], s, _MASK)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(m <= _MASK / 2, 0.0, jnp.exp(s - m))
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bhgc,hbcd->bhgd", p, v.astype(jnp.float32))
+    return out.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
+
+
+def write_kv_pages_ref(
+    k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Write new K/V into pages with an in-place scatter (donate the pages to avoid a copy).
+
+    Args:
+      k_pages, v_pages: `[num_kv_heads, num_pages, page_size, head_dim]`.
+      k, v: `[num_tokens, num_kv_heads, head_dim]` new keys/values.
+      slot_mapping: `[num_tokens]` int32 flat slot `page * page_size + offset` of every token;
+        padding tokens point into page 0.
+    Returns:
+      The updated `(k_pages, v_pages)`.
+    """
+    h, n, ps, d = k_pages.shape
+    kf = k_pages.reshape(h, n * ps, d).at[:, slot_mapping].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))
+    vf = v_pages.reshape(h, n * ps, d).at[:, slot_mapping].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype))
+    return kf.reshape(h, n, ps, d), vf.reshape(h, n, ps, d)
