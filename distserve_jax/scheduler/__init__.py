@@ -1,0 +1,1 @@
+"""Pure-Python scheduling policies and KV block accounting (never imports JAX)."""
