@@ -1,0 +1,215 @@
+"""The step engine of one model instance on one mesh: requests in, token outputs out.
+
+`LLMEngine` validates requests, keeps them in a scheduler (continuous batching with preemption),
+runs each step on its `ModelRunner`, and turns sampled tokens into `RequestOutput`s. It is
+synchronous and single-threaded: `step()` runs one iteration. The offline `LLM` API drives it
+directly; the disaggregated engine runs several of its parts on separate meshes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+
+from distserve_jax.engine.model_source import ModelSpec
+from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
+from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SeqWork
+from distserve_jax.runtime.sharding import make_mesh
+from distserve_jax.sampling_params import SamplingParams
+from distserve_jax.scheduler.block_manager import BlockManager
+from distserve_jax.scheduler.policies import (ChunkedPrefillScheduler, PrefillFirstScheduler, Scheduler,
+                                              SchedulerConfig)
+from distserve_jax.scheduler.request import Request, RequestStatus
+
+_FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and runtime sizes (see `RunnerConfig` and `SchedulerConfig`)."""
+
+    max_model_len: int | None = None  # None: the model's context, capped at 2048
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    dtype: str = "float32"
+    attention_backend: str | None = None
+    policy: str = "prefill_first"  # or "chunked"
+    seed: int = 0
+
+    def runner_config(self, model_max_len: int) -> RunnerConfig:
+        max_len = self.max_model_len or min(model_max_len, 2048)
+        return RunnerConfig(max_model_len=max_len, block_size=self.block_size, num_blocks=self.num_blocks,
+                            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+                            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+                            dtype=self.dtype, attention_backend=self.attention_backend)
+
+
+def make_scheduler(policy: str, config: SchedulerConfig, blocks: BlockManager) -> Scheduler:
+    if policy == "prefill_first":
+        return PrefillFirstScheduler(config, blocks)
+    if policy == "chunked":
+        return ChunkedPrefillScheduler(config, blocks)
+    raise ValueError(f"unknown scheduling policy {policy!r}; expected 'prefill_first' or 'chunked'")
+
+
+def validate_prompt(spec: ModelSpec, max_model_len: int, prompt: str | None,
+                    prompt_token_ids: Sequence[int] | None) -> list[int]:
+    """Tokenises and checks a prompt; raises ValueError naming the problem."""
+    if (prompt is None) == (prompt_token_ids is None):
+        raise ValueError("pass exactly one of prompt or prompt_token_ids")
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if not prompt:
+            raise ValueError("prompt is empty")
+        if spec.tokenizer is None:
+            raise ValueError(f"model {spec.name!r} has no tokenizer; pass prompt_token_ids instead of text")
+        ids = spec.tokenizer.encode(prompt)
+    else:
+        ids = list(prompt_token_ids)
+        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+            raise ValueError("prompt_token_ids must be integers")
+        ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError("prompt is empty (no tokens)")
+    vocab = spec.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"prompt_token_ids has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    if len(ids) > max_model_len:
+        raise ValueError(f"prompt has {len(ids)} tokens, longer than the model's context "
+                         f"(max_model_len={max_model_len})")
+    return ids
+
+
+class LLMEngine:
+    """Continuous-batching engine for one instance (tp devices, one mesh)."""
+
+    def __init__(self, spec: ModelSpec, *, tp: int = 1, devices: Sequence[jax.Device] | None = None,
+                 config: EngineConfig = EngineConfig()):
+        devices = list(devices if devices is not None else jax.devices())
+        if len(devices) < tp:
+            raise ValueError(f"tp={tp} needs {tp} devices, only {len(devices)} available")
+        spec.config.validate_tp(tp)
+        self.spec = spec
+        self.config = config
+        rc = config.runner_config(spec.config.max_position_embeddings)
+        self.max_model_len = rc.max_model_len
+        self.runner = ModelRunner(spec.config, [make_mesh(devices[:tp])], spec.weights, rc)
+        self.blocks = BlockManager(self.runner.num_blocks, rc.block_size)
+        self.scheduler = make_scheduler(config.policy, SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        eos = spec.tokenizer.eos_token_ids if spec.tokenizer and spec.tokenizer.eos_token_ids else spec.config.eos_token_ids
+        self.outputs = OutputProcessor(spec.tokenizer, tuple(eos), self.max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self._next_id = 0
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str | None = None, prompt: str | None = None,
+                    prompt_token_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> Request:
+        """Validates and queues a request; raises ValueError (naming the problem) and queues nothing on bad input."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        ids = validate_prompt(self.spec, self.max_model_len, prompt, prompt_token_ids)
+        longest = min(len(ids) + params.max_tokens, self.max_model_len)
+        if self.blocks.blocks_needed(longest) > self.blocks.num_total:
+            raise ValueError(f"request needs up to {longest} tokens of KV cache but the cache holds only "
+                             f"{self.blocks.max_tokens_per_request()}; lower max_tokens or the prompt length")
+        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
+        req = Request(request_id=request_id, prompt_token_ids=ids, sampling=params, seed=seed,
+                      arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+                      max_tokens=params.max_tokens)
+        self.requests[request_id] = req
+        self.outputs.add(request_id, ids, params)
+        self.scheduler.add(req)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request wherever it is and frees its blocks; None if unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.remove(req, RequestStatus.FINISHED_ABORTED)
+        req.finish_time = time.perf_counter()
+        return self.outputs.final_abort(request_id, req.prompt_token_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---------------------------------------------------------------- steps
+    def step(self) -> list[RequestOutput]:
+        """Runs one iteration; returns an output for every request that produced a token."""
+        out = self.scheduler.schedule()
+        for r in out.preempted:
+            logging.info("preempted %s (KV cache full); it will be recomputed", r.request_id)
+        if not out:
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no request can be scheduled although the cache is empty")
+            return []
+        now = time.perf_counter()
+        works = []
+        for s in out.seqs:
+            r = s.request
+            if r.prefill_start is None:
+                r.prefill_start = now
+            start = r.num_computed_tokens
+            works.append(SeqWork(
+                token_ids=r.all_token_ids[start:start + s.num_new_tokens], context_len=start,
+                block_table=self.blocks.block_table(r.request_id), sampling=r.sampling, seed=r.seed,
+                num_generated=len(r.output_token_ids), sample=s.completes_prompt,
+                prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids))
+        results = self.runner.execute(works)
+        self.scheduler.after_step(out)
+        now = time.perf_counter()
+        outputs = []
+        for s, res in zip(out.seqs, results):
+            if res is not None:
+                outputs.append(self._on_token(s.request, res, now))
+        return outputs
+
+    def _on_token(self, r: Request, res, now: float) -> RequestOutput:
+        r.output_token_ids.append(res.token_id)
+        r.token_times.append(now)
+        if r.prefill_end is None:
+            r.prefill_end = r.decode_start = now
+        ro, reason = self.outputs.process(r.request_id, res.token_id, res.logprob, res.top_logprobs)
+        if reason is not None:
+            self.scheduler.remove(r, _FINISH_STATUS[reason])
+            r.finish_time = now
+            self.requests.pop(r.request_id, None)
+            ro.metrics = request_metrics(r)
+        return ro
+
+    def warmup(self) -> int:
+        modes = ("prefill", "decode") if self.config.policy == "prefill_first" else ("prefill", "decode", "mixed")
+        return self.runner.warmup(modes)
+
+
+def request_metrics(r: Request) -> dict[str, float | None]:
+    """A finished request's timestamps and derived latencies (seconds)."""
+    first = r.token_times[0] if r.token_times else None
+    n = len(r.token_times)
+    return {
+        "arrival_time": r.arrival_time, "prefill_start": r.prefill_start, "prefill_end": r.prefill_end,
+        "migration_start": r.migration_start, "migration_end": r.migration_end, "decode_start": r.decode_start,
+        "finish_time": r.finish_time, "first_token_time": first,
+        "ttft": None if first is None else first - r.arrival_time,
+        "tpot": (r.token_times[-1] - first) / (n - 1) if n > 1 else None,
+        "num_preemptions": r.num_preemptions, "token_times": list(r.token_times),
+    }

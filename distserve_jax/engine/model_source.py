@@ -1,0 +1,63 @@
+"""Resolves a model argument (a Hugging Face directory, or the name of a config in `configs/models/`)
+into its config, weight source and tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from distserve_jax.models.config import ModelConfig, config_from_hf
+from distserve_jax.models.tokenizer import Tokenizer, load_tokenizer
+from distserve_jax.runtime.weights import HFDirectory, OrbaxDirectory, RandomWeights, WeightSource
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    name: str
+    config: ModelConfig
+    weights: WeightSource
+    tokenizer: Tokenizer | None
+    hf_config: dict[str, Any]
+
+
+def named_models() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def resolve_model(model: str | Path) -> ModelSpec:
+    """A model directory (safetensors or orbax `params/`), or a named config with random weights."""
+    path = Path(model)
+    if path.is_dir():
+        hf = _read_json(path / "config.json")
+        cfg = config_from_hf(hf)
+        has_st = any(path.glob("*.safetensors"))
+        weights = HFDirectory(path) if has_st or not (path / "params").is_dir() else OrbaxDirectory(path)
+        tok = load_tokenizer(path, bos_token_id=cfg.bos_token_id, eos_token_ids=cfg.eos_token_ids)
+        return ModelSpec(str(path), cfg, weights, tok, hf)
+    named = CONFIG_DIR / f"{model}.json"
+    if not named.is_file():
+        raise ValueError(f"unknown model {str(model)!r}: not a directory, and not one of the named "
+                         f"models {named_models()}")
+    hf = _read_json(named)
+    cfg = config_from_hf(hf)
+    extra = hf.get("distserve", {})
+    weights = RandomWeights(seed=int(extra.get("seed", 0)), scale=float(extra.get("scale", 0.02)))
+    tok = None
+    if extra.get("tokenizer") == "demo":
+        from distserve_jax.models.demo_tokenizer import build_demo_tokenizer
+        tok = Tokenizer(build_demo_tokenizer(vocab_size=cfg.vocab_size), bos_token_id=cfg.bos_token_id,
+                        eos_token_ids=cfg.eos_token_ids)
+    return ModelSpec(str(model), cfg, weights, tok, hf)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

@@ -1,0 +1,304 @@
+"""Runs one step of a model instance: packs a ragged batch, runs the jitted stages, samples.
+
+An instance is `pp` stages, each on its own `tp` sub-mesh with its own parameters, KV pages and
+jitted forward function (KV pages donated, so the cache is updated in place). Hidden states move
+from stage to stage with `device_put`. The sampler runs as a second jitted function on the last
+stage's mesh.
+
+The runner knows nothing of requests or queues: the engine hands it `SeqWork` items, each the
+tokens to feed for one sequence, where its KV lives, and how to sample its next token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from distserve_jax.models.attention import AttentionMetadata, paged_attention
+from distserve_jax.models.config import ModelConfig
+from distserve_jax.models.decoder import DecoderStage, stage_bounds
+from distserve_jax.runtime import kv_cache
+from distserve_jax.runtime.buckets import geometric_buckets, round_up
+from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample
+from distserve_jax.runtime.sharding import TP, replicated
+from distserve_jax.runtime.weights import WeightSource
+from distserve_jax.sampling_params import SamplingParams
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    """Sizes of one instance's runtime.
+
+    Attributes:
+      max_model_len: longest sequence (prompt + output) served.
+      block_size: tokens per KV block.
+      num_blocks: KV blocks (page 0 included); None sizes the cache from device memory, or on
+        devices that do not report memory, to hold `max_num_seqs` full-length sequences.
+      kv_cache_memory_fraction: share of device memory for weights + KV cache.
+      max_num_seqs: most sequences in one step.
+      max_num_batched_tokens: most tokens in one prefill step (a longer prompt runs alone).
+      dtype: parameter and KV dtype.
+      attention_backend: forced attention backend (None: the dispatcher decides).
+    """
+
+    max_model_len: int
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_fraction: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    dtype: str = "float32"
+    attention_backend: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.num_blocks is not None and self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be >= 2 (block 0 is reserved), got {self.num_blocks}")
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
+
+
+@dataclasses.dataclass
+class SeqWork:
+    """One sequence's share of a step.
+
+    Attributes:
+      token_ids: tokens fed this step (a prompt, a prompt chunk, or the last sampled token).
+      context_len: tokens of this sequence already in the KV cache.
+      block_table: KV block ids holding the sequence (enough for context + new tokens).
+      sampling: how to sample the next token.
+      seed: the request's seed (used when `sampling.seed` is None).
+      num_generated: tokens generated so far (the sampler's per-request RNG counter).
+      sample: False for a prompt chunk that does not reach the end of the prompt.
+      prompt_ids, output_ids: the request's tokens, read only when penalties are on.
+    """
+
+    token_ids: Sequence[int]
+    context_len: int
+    block_table: Sequence[int]
+    sampling: SamplingParams
+    seed: int = 0
+    num_generated: int = 0
+    sample: bool = True
+    prompt_ids: Sequence[int] = ()
+    output_ids: Sequence[int] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float]  # empty unless asked for
+
+
+class _Stage:
+    """One pipeline stage: sub-mesh, parameters, KV pages and the jitted forward."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, start: int, end: int, params: Any, pages: Any,
+                 backend: str | None):
+        self.mesh = mesh
+        self.params = params
+        self.pages = pages
+        self.replicated = replicated(mesh)
+        attn = functools.partial(paged_attention, scale=cfg.head_dim ** -0.5,
+                                 sliding_window=cfg.sliding_window, backend=backend)
+        heads = P(None, TP, None)
+        page_spec = (P(TP), P(TP))
+        sharded_attn = jax.shard_map(attn, mesh=mesh, in_specs=(heads, heads, heads, page_spec, P()),
+                                     out_specs=(heads, page_spec), check_vma=False)
+        self.module = DecoderStage(cfg, start, end, sharded_attn, jnp.dtype(params_dtype(params)))
+        self.forward = jax.jit(self._forward, donate_argnums=(1,))
+
+    def _forward(self, params, pages, x, meta):
+        return self.module.apply({"params": params}, x, meta, pages)
+
+    def run(self, x: jax.Array, meta: AttentionMetadata) -> jax.Array:
+        out, self.pages = self.forward(self.params, self.pages, x, meta)
+        return out
+
+
+def params_dtype(params: Any) -> Any:
+    return jax.tree_util.tree_leaves(params)[0].dtype
+
+
+class ModelRunner:
+    """Executes steps for one model instance (pp stages x tp devices each)."""
+
+    def __init__(self, cfg: ModelConfig, stage_meshes: Sequence[Mesh], weights: WeightSource,
+                 config: RunnerConfig):
+        tp = stage_meshes[0].shape[TP]
+        if any(m.shape[TP] != tp for m in stage_meshes):
+            raise ValueError("all pipeline stages of an instance must have the same tp degree")
+        if config.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len={config.max_model_len} exceeds the model's context "
+                             f"({cfg.max_position_embeddings} positions)")
+        self.cfg = cfg.for_tp(tp)
+        self.config = config
+        self.tp, self.pp = tp, len(stage_meshes)
+        bounds = stage_bounds(cfg.num_layers, self.pp)
+        params = [weights.load(self.cfg, m, layer_start=s, layer_end=e, dtype=config.dtype)
+                  for m, (s, e) in zip(stage_meshes, bounds)]
+        self.num_blocks = config.num_blocks or self._size_cache(stage_meshes, params, bounds)
+        self.stages = []
+        for m, (s, e), p in zip(stage_meshes, bounds, params):
+            pages = kv_cache.allocate(self.cfg, m, num_blocks=self.num_blocks, block_size=config.block_size,
+                                      dtype=config.dtype, num_layers=e - s)
+            self.stages.append(_Stage(self.cfg, m, s, e, p, pages, config.attention_backend))
+        self.last_mesh = stage_meshes[-1]
+        self._sample = jax.jit(sample, static_argnames=("num_top_logprobs",))
+        c = config
+        self.seq_buckets = geometric_buckets(1, c.max_num_seqs)
+        self.prefill_seq_buckets = geometric_buckets(1, c.max_num_seqs, 4)
+        self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
+        self.width_buckets = geometric_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
+
+    def _size_cache(self, meshes, params, bounds) -> int:
+        c = self.config
+        weight_bytes = max(sum(x.nbytes for x in jax.tree_util.tree_leaves(p)) for p in params)
+        per_stage = [kv_cache.blocks_from_memory(self.cfg, m, block_size=c.block_size, dtype=c.dtype,
+                                                 fraction=c.kv_cache_memory_fraction, weight_bytes=weight_bytes,
+                                                 num_layers=e - s) for m, (s, e) in zip(meshes, bounds)]
+        if any(n is None for n in per_stage):
+            return 1 + c.max_num_seqs * c.max_blocks_per_seq
+        return min(per_stage)
+
+    # ----------------------------------------------------------------- inputs
+    def _mode(self, works: Sequence[SeqWork]) -> str:
+        if all(w.context_len == 0 for w in works):
+            return "prefill"
+        if all(len(w.token_ids) == 1 for w in works):
+            return "decode"
+        return "mixed"
+
+    def build_inputs(self, works: Sequence[SeqWork]) -> tuple[np.ndarray, AttentionMetadata]:
+        """Host arrays for one step: token ids `[T]` and the padded `AttentionMetadata`."""
+        if not works:
+            raise ValueError("a step needs at least one sequence")
+        if len(works) > self.config.max_num_seqs:
+            raise ValueError(f"{len(works)} sequences exceed max_num_seqs={self.config.max_num_seqs}")
+        mode = self._mode(works)
+        bs = self.config.block_size
+        total = sum(len(w.token_ids) for w in works)
+        if mode == "decode":
+            s = t = round_up(len(works), self.seq_buckets)
+        else:
+            s = round_up(len(works), self.prefill_seq_buckets if mode == "prefill" else self.seq_buckets)
+            t = round_up(total, self.token_buckets)
+        longest = max(-(-(w.context_len + len(w.token_ids)) // bs) for w in works)
+        width = 1 if mode == "prefill" else round_up(longest, self.width_buckets)
+
+        tokens = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        slots = np.zeros(t, np.int32)
+        qsl = np.full(s + 1, total, np.int32)
+        ctx = np.zeros(s, np.int32)
+        seq_lens = np.zeros(s, np.int32)
+        tables = np.zeros((s, width), np.int32)
+        logits_idx = np.zeros(s, np.int32)
+        off = 0
+        for i, w in enumerate(works):
+            n = len(w.token_ids)
+            end = w.context_len + n
+            table = np.asarray(w.block_table, np.int32)
+            if len(table) * bs < end:
+                raise ValueError(f"sequence {i}: block table holds {len(table) * bs} tokens, needs {end}")
+            pos = np.arange(w.context_len, end, dtype=np.int32)
+            tokens[off:off + n] = w.token_ids
+            positions[off:off + n] = pos
+            slots[off:off + n] = table[pos // bs] * bs + pos % bs
+            qsl[i] = off
+            ctx[i] = w.context_len
+            seq_lens[i] = end
+            if mode != "prefill":
+                used = -(-end // bs)
+                tables[i, :used] = table[:used]
+            off += n
+            logits_idx[i] = off - 1
+        meta = AttentionMetadata(positions=positions, slot_mapping=slots, query_start_loc=qsl, context_lens=ctx,
+                                 seq_lens=seq_lens, block_tables=tables, logits_indices=logits_idx, mode=mode)
+        return tokens, meta
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, tokens: np.ndarray, meta: AttentionMetadata) -> jax.Array:
+        """Runs all stages; returns float32 logits `[num_seqs_bucket, vocab]` on the last mesh."""
+        x = None
+        for i, st in enumerate(self.stages):
+            m = jax.device_put(meta, st.replicated)
+            x = jax.device_put(tokens if i == 0 else x, st.replicated)
+            x = st.run(x, m)
+        return x
+
+    def execute(self, works: Sequence[SeqWork]) -> list[SampleResult | None]:
+        """One step for `works`; returns the sampled token of each item with `sample=True`."""
+        tokens, meta = self.build_inputs(works)
+        logits = self.forward(tokens, meta)
+        return self.sample(logits, works)
+
+    def sample(self, logits: jax.Array, works: Sequence[SeqWork]) -> list[SampleResult | None]:
+        s = logits.shape[0]
+        params = [w.sampling for w in works]
+        tensors = SamplingTensors.from_params(params, [w.num_generated for w in works], self.cfg.vocab_size,
+                                              pad_to=s, seeds=[w.seed for w in works])
+        n_top = MAX_TOP_LOGPROBS if any(p.logprobs for p in params) else 0
+        penalties = None
+        if any(p.uses_penalties for p in params):
+            penalties = PenaltyInputs.from_token_lists([w.prompt_ids for w in works], [w.output_ids for w in works],
+                                                       self.cfg.vocab_size, pad_to=s)
+        rep = replicated(self.last_mesh)
+        out = self._sample(logits, jax.device_put(tensors, rep), num_top_logprobs=n_top,
+                           penalties=None if penalties is None else jax.device_put(penalties, rep))
+        out = jax.device_get(out)
+        results: list[SampleResult | None] = []
+        for i, w in enumerate(works):
+            if not w.sample:
+                results.append(None)
+                continue
+            k = w.sampling.logprobs or 0
+            top = {int(t): float(l) for t, l in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])}
+            results.append(SampleResult(int(out.token_ids[i]), float(out.logprobs[i]), top))
+        return results
+
+    # ----------------------------------------------------------------- warm-up
+    def warmup(self, modes: Sequence[str] = ("prefill", "decode")) -> int:
+        """Compiles every bucket of the given modes (and the default sampler) ahead of serving.
+
+        Returns the number of shapes run.
+        """
+        n = 0
+        greedy = SamplingParams(temperature=0.0)
+        for mode in modes:
+            for t, s, w in self._bucket_shapes(mode):
+                tokens = np.zeros(t, np.int32)
+                meta = AttentionMetadata(
+                    positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
+                    query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
+                    seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
+                    logits_indices=np.zeros(s, np.int32), mode=mode)
+                logits = self.forward(tokens, meta)
+                self.sample(logits, [SeqWork([0], 0, [0], greedy)])
+                n += 1
+        jax.block_until_ready([st.pages for st in self.stages])
+        logging.info("warm-up ran %d step shapes", n)
+        return n
+
+    def _bucket_shapes(self, mode: str):
+        if mode == "decode":
+            return [(s, s, w) for s in self.seq_buckets for w in self.width_buckets]
+        if mode == "prefill":
+            return [(t, s, 1) for t in self.token_buckets for s in self.prefill_seq_buckets if s <= t]
+        return [(t, s, w) for t in self.token_buckets for s in self.seq_buckets if s <= t
+                for w in self.width_buckets]
