@@ -12,3 +12,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """Factory: `hf_checkpoint(variant, dtype="float32", sharded=False)` -> a cached checkpoint dir."""
+    cache = {}
+
+    def make(variant: str, dtype: str = "float32", sharded: bool = False, **kw):
+        key = (variant, dtype, sharded, tuple(sorted(kw.items())))
+        if key not in cache:
+            from tests.hf_checkpoints import make_checkpoint
+            d = tmp_path_factory.mktemp(f"{variant}-{dtype}-{'sh' if sharded else 'one'}")
+            cache[key] = make_checkpoint(variant, d, dtype=dtype, sharded=sharded, **kw)
+        return cache[key]
+
+    return make
