@@ -1,0 +1,76 @@
+"""Greedy generation matches transformers; batching, tp and preemption do not change tokens."""
+
+import numpy as np
+import pytest
+
+from distserve_jax import SamplingParams
+from distserve_jax.runtime import compile_counter
+from tests.hf_checkpoints import VARIANTS, hf_greedy_generate
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=1)
+
+
+def _prompts(n, seed=0, lo=3, hi=60, vocab=256):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, int(rng.integers(lo, hi)))] for _ in range(n)]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_greedy_tokens_and_logprobs_match_transformers(variant, make_llm, hf_checkpoint):
+    llm = make_llm(variant)
+    prompts = [_prompts(1, seed=7, lo=20, hi=21)[0], _prompts(1, seed=8, lo=33, hi=34)[0]]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY, use_tqdm=False)
+    for p, out in zip(prompts, outs):
+        ref_ids, ref_lp = hf_greedy_generate(hf_checkpoint(variant), p, 32)
+        assert out.token_ids == ref_ids
+        assert out.finish_reason == "length"
+        got_lp = [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
+        np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4, rtol=0)
+
+
+def test_batched_equals_one_at_a_time(make_llm):
+    llm = make_llm("llama3")
+    prompts = _prompts(12, seed=1, lo=1, hi=90)
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)
+    batched = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    for p, b in zip(prompts, batched):
+        alone = llm.generate(prompt_token_ids=[p], sampling_params=params, use_tqdm=False)[0]
+        assert b.token_ids == alone.token_ids
+
+
+@pytest.mark.parametrize("variant", ["llama3", "opt_project"])
+def test_tp2_and_tp4_give_the_same_tokens_as_tp1(variant, make_llm):
+    prompts = _prompts(6, seed=2, lo=2, hi=70)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ref = [o.token_ids for o in make_llm(variant).generate(prompt_token_ids=prompts, sampling_params=params,
+                                                           use_tqdm=False)]
+    for tp in (2, 4):
+        got = [o.token_ids for o in make_llm(variant, tp=tp).generate(prompt_token_ids=prompts,
+                                                                      sampling_params=params, use_tqdm=False)]
+        assert got == ref, f"tp={tp}"
+
+
+def test_preemption_under_a_tiny_cache_keeps_greedy_output(make_llm):
+    prompts = _prompts(8, seed=3, lo=10, hi=40)
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    ref = [o.token_ids for o in make_llm("qwen2").generate(prompt_token_ids=prompts, sampling_params=params,
+                                                           use_tqdm=False)]
+    # 12 usable blocks of 16 tokens: far fewer than 8 requests of up to 80 tokens need.
+    tiny = make_llm("qwen2", num_blocks=13)
+    outs = tiny.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == ref
+    assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the cache was big enough: nothing was preempted"
+
+
+def test_no_recompilation_after_warmup(make_llm):
+    llm = make_llm("llama2", max_num_seqs=8, max_num_batched_tokens=128, max_model_len=128, num_blocks=64)
+    llm.engine.warmup()
+    before = compile_counter.count()
+    rng = np.random.default_rng(4)
+    prompts = [[int(t) for t in rng.integers(3, 256, int(rng.integers(1, 100)))] for _ in range(200)]
+    params = [SamplingParams(temperature=float(rng.choice([0.0, 0.8])), top_p=float(rng.choice([1.0, 0.9])),
+                             max_tokens=int(rng.integers(1, 28)), seed=int(i), ignore_eos=True)
+              for i in range(200)]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    assert all(o.finished for o in outs)
+    assert compile_counter.count() == before, f"{compile_counter.count() - before} compilations after warm-up"
