@@ -152,6 +152,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def info(self) -> dict:
+        """Live state: one instance that runs both phases."""
+        return {"mode": "colocated" if self.config.policy == "prefill_first" else "chunked",
+                "max_model_len": self.max_model_len,
+                "instances": [{"name": "colocated-0", "role": "both", "tp": self.runner.tp, "pp": self.runner.pp,
+                               "num_waiting": self.scheduler.num_waiting, "num_running": self.scheduler.num_running,
+                               "free_blocks": self.blocks.num_free, "total_blocks": self.blocks.num_total}]}
+
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:
         """Runs one iteration; returns an output for every request that produced a token."""
