@@ -1,0 +1,112 @@
+"""The one entry point the runtime calls for attention: picks a backend and calls it.
+
+Backends:
+  - ``reference``: the pure-jnp functions in `reference.py` (XLA fuses them).
+  - ``pallas``: the Pallas kernels (`ragged_prefill.py`, `paged_decode.py`) lowered for the GPU
+    through Triton (see `lowering.py`); requires a GPU.
+  - ``pallas_interpret``: the same kernels run by the Pallas interpreter (`interpret=True`) on
+    any platform. Far too slow to serve with; tests and a flag choose it explicitly.
+  - ``auto``: ``pallas`` on GPU, ``reference`` elsewhere.
+
+The backend is chosen per call by the ``backend`` argument, else by the environment variable
+``DISTSERVE_ATTENTION_BACKEND``, else ``auto``. The functions work on local shards inside
+`shard_map` (kv heads sharded over the ``tp`` axis, query heads sharded the same way, metadata
+replicated): every kernel program only reads its own kv head's pages. The Pallas kernels
+declare their outputs' mesh-axis variance, so they run under `shard_map(check_vma=True)`; the
+exception is ``pallas_interpret``, whose interpreter (JAX 0.10) fails JAX's variance check
+inside `shard_map`, so interpret-mode runs under `shard_map` need `check_vma=False`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from pallas_kernels import paged_decode, ragged_prefill, reference, validation
+from pallas_kernels.lowering import Launch, padded_dim
+
+BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
+ENV_VAR = "DISTSERVE_ATTENTION_BACKEND"
+
+# Tile sizes used by the dispatcher (tuned for Ampere/Hopper-class GPUs; the interpreter uses
+# the same tiles so the tests exercise the shapes the GPU runs).
+PREFILL_BLOCK_Q = 64
+PREFILL_BLOCK_K = 64
+DECODE_BLOCK_K = 64
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """Returns the concrete backend name for `backend` (None reads the environment).
+
+    Raises:
+      ValueError: for an unknown name, or ``pallas`` when JAX's default backend is not a GPU.
+    """
+    name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
+    on_gpu = jax.default_backend() == "gpu"
+    if name == "auto":
+        return "pallas" if on_gpu else "reference"
+    if name == "pallas" and not on_gpu:
+        raise ValueError(f"attention backend 'pallas' needs a GPU but JAX's default backend is "
+                         f"{jax.default_backend()!r}; use 'pallas_interpret' or 'reference'")
+    return name
+
+
+def _launch(backend: str, head_dim: int) -> Launch:
+    lowering = "interpret" if backend == "pallas_interpret" else "triton"
+    return Launch(lowering=lowering, num_warps=4 if padded_dim(head_dim) <= 64 else 8, num_stages=2)
+
+
+def ragged_prefill_attention(q, k, v, query_start_loc, context_lens, *, k_pages=None, v_pages=None,
+                             block_tables=None, scale: float, sliding_window: int | None = None,
+                             backend: str | None = None) -> jax.Array:
+    """Causal attention over a packed batch of prompt chunks, optionally with paged context.
+
+    See `reference.ragged_prefill_attention_ref` for shapes and semantics.
+    """
+    name = resolve_backend(backend)
+    validation.check_prefill(q, k, v, query_start_loc, context_lens, k_pages, v_pages,
+                             block_tables, scale, sliding_window)
+    scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
+    if name == "reference":
+        return reference.ragged_prefill_attention_ref(
+            q, k, v, query_start_loc, context_lens, k_pages=k_pages, v_pages=v_pages,
+            block_tables=block_tables, scale=scale, sliding_window=sliding_window)
+    return ragged_prefill.ragged_prefill_attention(
+        q, k, v, query_start_loc, context_lens, k_pages, v_pages, block_tables, scale=scale,
+        sliding_window=sliding_window, block_q=PREFILL_BLOCK_Q, block_k=PREFILL_BLOCK_K,
+        launch=_launch(name, q.shape[-1]))
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale: float,
+                           sliding_window: int | None = None, backend: str | None = None) -> jax.Array:
+    """One query token per sequence against its paged K/V.
+
+    See `reference.paged_decode_attention_ref` for shapes and semantics.
+    """
+    name = resolve_backend(backend)
+    validation.check_decode(q, k_pages, v_pages, block_tables, lengths, scale, sliding_window)
+    scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
+    if name == "reference":
+        return reference.paged_decode_attention_ref(
+            q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
+    return paged_decode.paged_decode_attention(
+        q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window,
+        block_k=DECODE_BLOCK_K, launch=_launch(name, q.shape[-1]))
+
+
+def write_kv_pages(k_pages, v_pages, k, v, slot_mapping, *, backend: str | None = None):
+    """Writes new K/V into their page slots; see `reference.write_kv_pages_ref`.
+
+    Every backend uses the in-place `.at[].set` scatter of `reference.write_kv_pages_ref`: with
+    the pages donated to the enclosing jit, XLA updates the cache in place and moves only the
+    new tokens' bytes, which a Pallas scatter kernel could at best match. No kernel exists
+    because none has been measured to beat it on a GPU; add one only with a benchmark that
+    shows it does. The backend is still resolved so an invalid name fails here too.
+    """
+    resolve_backend(backend)
+    validation.check_write(k_pages, v_pages, k, v, slot_mapping)
+    return reference.write_kv_pages_ref(k_pages, v_pages, k, v, slot_mapping)

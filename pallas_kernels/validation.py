@@ -1,0 +1,148 @@
+"""Argument checks shared by every attention backend, so bad inputs fail the same clear way.
+
+Only static properties (ranks, shapes, dtypes, Python scalars) are checked: the values inside
+`query_start_loc`, `lengths` or `block_tables` may be traced and are the caller's contract.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+
+def _rank(name: str, x, rank: int) -> None:
+    if x is None:
+        raise ValueError(f"{name} is required")
+    if x.ndim != rank:
+        raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
+
+
+def _integer(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {x.dtype}")
+
+
+def _floating(name: str, x) -> None:
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+
+
+def static_scale_and_window(scale, sliding_window) -> tuple[float, int | None]:
+    """Checks the static softmax scale and window and returns them as `(float, int | None)`.
+
+    Both must be concrete numbers (they select the compiled kernel), not traced arrays.
+    """
+    if isinstance(scale, jax.Array) or not isinstance(scale, numbers.Real):
+        raise ValueError(f"scale must be a static real number, got {type(scale).__name__}")
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite float, got {scale}")
+    if sliding_window is not None:
+        if (isinstance(sliding_window, (bool, jax.Array))
+                or not isinstance(sliding_window, numbers.Integral)):
+            raise ValueError(f"sliding_window must be a static int or None, got {sliding_window!r}")
+        if sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        sliding_window = int(sliding_window)
+    return float(scale), sliding_window
+
+
+def check_scale_and_window(scale, sliding_window) -> None:
+    static_scale_and_window(scale, sliding_window)
+
+
+def check_pages(k_pages, v_pages, num_kv_heads: int, head_dim: int) -> None:
+    """Checks `[num_kv_heads, num_pages, page_size, head_dim]` K/V page arrays."""
+    _rank("k_pages", k_pages, 4)
+    _rank("v_pages", v_pages, 4)
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages {tuple(k_pages.shape)} and v_pages {tuple(v_pages.shape)} differ")
+    _floating("k_pages", k_pages)
+    _floating("v_pages", v_pages)
+    if k_pages.shape[0] != num_kv_heads:
+        raise ValueError(f"pages have {k_pages.shape[0]} kv heads, expected {num_kv_heads}")
+    if k_pages.shape[3] != head_dim:
+        raise ValueError(f"pages have head_dim {k_pages.shape[3]}, expected {head_dim}")
+    if k_pages.shape[1] < 1 or k_pages.shape[2] < 1:
+        raise ValueError(f"pages need >= 1 page of >= 1 slot, got shape {tuple(k_pages.shape)}")
+
+
+def check_block_tables(block_tables, num_seqs: int) -> None:
+    _rank("block_tables", block_tables, 2)
+    _integer("block_tables", block_tables)
+    if block_tables.shape[0] != num_seqs:
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows, expected num_seqs={num_seqs}")
+    if block_tables.shape[1] < 1:
+        raise ValueError("block_tables needs at least one column")
+
+
+def check_prefill(q, k, v, query_start_loc, context_lens, k_pages, v_pages, block_tables,
+                  scale: float, sliding_window: int | None) -> None:
+    """Checks the arguments of `ragged_prefill_attention` (see `reference.py` for shapes)."""
+    _rank("q", q, 3)
+    _rank("k", k, 3)
+    _rank("v", v, 3)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _floating(name, x)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    num_tokens, num_q_heads, head_dim = q.shape
+    if k.shape[0] != num_tokens:
+        raise ValueError(f"k has {k.shape[0]} tokens, q has {num_tokens}")
+    if k.shape[2] != head_dim:
+        raise ValueError(f"k has head_dim {k.shape[2]}, q has {head_dim}")
+    if k.shape[1] < 1 or num_q_heads % k.shape[1]:
+        raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={k.shape[1]}")
+    _rank("context_lens", context_lens, 1)
+    _rank("query_start_loc", query_start_loc, 1)
+    _integer("context_lens", context_lens)
+    _integer("query_start_loc", query_start_loc)
+    num_seqs = context_lens.shape[0]
+    if num_seqs < 1:
+        raise ValueError("need at least one sequence (context_lens is empty)")
+    if query_start_loc.shape[0] != num_seqs + 1:
+        raise ValueError(f"query_start_loc has {query_start_loc.shape[0]} entries, "
+                         f"expected num_seqs + 1 = {num_seqs + 1}")
+    given = [x is not None for x in (k_pages, v_pages, block_tables)]
+    if any(given) and not all(given):
+        raise ValueError("k_pages, v_pages and block_tables must be given together (paged context)")
+    if all(given):
+        check_pages(k_pages, v_pages, k.shape[1], head_dim)
+        check_block_tables(block_tables, num_seqs)
+    check_scale_and_window(scale, sliding_window)
+
+
+def check_decode(q, k_pages, v_pages, block_tables, lengths, scale: float,
+                 sliding_window: int | None) -> None:
+    """Checks the arguments of `paged_decode_attention` (see `reference.py` for shapes)."""
+    _rank("q", q, 3)
+    _floating("q", q)
+    num_seqs, num_q_heads, head_dim = q.shape
+    if k_pages is None or v_pages is None:
+        raise ValueError("k_pages and v_pages are required")
+    _rank("k_pages", k_pages, 4)
+    num_kv_heads = k_pages.shape[0]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    check_pages(k_pages, v_pages, num_kv_heads, head_dim)
+    check_block_tables(block_tables, num_seqs)
+    _rank("lengths", lengths, 1)
+    _integer("lengths", lengths)
+    if lengths.shape[0] != num_seqs:
+        raise ValueError(f"lengths has {lengths.shape[0]} entries, expected num_seqs={num_seqs}")
+    check_scale_and_window(scale, sliding_window)
+
+
+def check_write(k_pages, v_pages, k, v, slot_mapping) -> None:
+    """Checks the arguments of `write_kv_pages`."""
+    _rank("k", k, 3)
+    _rank("v", v, 3)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    check_pages(k_pages, v_pages, k.shape[1], k.shape[2])
+    _rank("slot_mapping", slot_mapping, 1)
+    _integer("slot_mapping", slot_mapping)
+    if slot_mapping.shape[0] != k.shape[0]:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries, k has {k.shape[0]} tokens")
