@@ -18,15 +18,16 @@ from absl import logging
 
 from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
-from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SeqWork
+from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SampleResult, SeqWork
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.sampling_params import SamplingParams
+from distserve_jax.scheduler.batch import ScheduledSeq
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.policies import (ChunkedPrefillScheduler, PrefillFirstScheduler, Scheduler,
                                               SchedulerConfig)
 from distserve_jax.scheduler.request import Request, RequestStatus
 
-_FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
+FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,24 @@ def validate_prompt(spec: ModelSpec, max_model_len: int, prompt: str | None,
     return ids
 
 
+def build_request(spec: ModelSpec, max_model_len: int, max_kv_tokens: int, rng: np.random.Generator,
+                  request_id: str, prompt: str | None, prompt_token_ids: Sequence[int] | None,
+                  params: SamplingParams | None, arrival_time: float | None) -> Request:
+    """A validated `Request` (ValueError naming the problem on bad input); assigns a seed if none."""
+    params = SamplingParams() if params is None else params
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+    ids = validate_prompt(spec, max_model_len, prompt, prompt_token_ids)
+    longest = min(len(ids) + params.max_tokens, max_model_len)
+    if longest > max_kv_tokens:
+        raise ValueError(f"request needs up to {longest} tokens of KV cache but an instance holds only "
+                         f"{max_kv_tokens}; lower max_tokens or the prompt length")
+    seed = params.seed if params.seed is not None else int(rng.integers(0, 2**31 - 1))
+    return Request(request_id=request_id, prompt_token_ids=ids, sampling=params, seed=seed,
+                   arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+                   max_tokens=params.max_tokens)
+
+
 class LLMEngine:
     """Continuous-batching engine for one instance (tp devices, one mesh)."""
 
@@ -118,25 +137,15 @@ class LLMEngine:
                     prompt_token_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> Request:
         """Validates and queues a request; raises ValueError (naming the problem) and queues nothing on bad input."""
-        params = SamplingParams() if params is None else params
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         if request_id is None:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        ids = validate_prompt(self.spec, self.max_model_len, prompt, prompt_token_ids)
-        longest = min(len(ids) + params.max_tokens, self.max_model_len)
-        if self.blocks.blocks_needed(longest) > self.blocks.num_total:
-            raise ValueError(f"request needs up to {longest} tokens of KV cache but the cache holds only "
-                             f"{self.blocks.max_tokens_per_request()}; lower max_tokens or the prompt length")
-        seed = params.seed if params.seed is not None else int(self._rng.integers(0, 2**31 - 1))
-        req = Request(request_id=request_id, prompt_token_ids=ids, sampling=params, seed=seed,
-                      arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
-                      max_tokens=params.max_tokens)
+        req = build_request(self.spec, self.max_model_len, self.blocks.max_tokens_per_request(), self._rng,
+                            request_id, prompt, prompt_token_ids, params, arrival_time)
         self.requests[request_id] = req
-        self.outputs.add(request_id, ids, params)
+        self.outputs.add(request_id, req.prompt_token_ids, req.sampling)
         self.scheduler.add(req)
         return req
 
@@ -171,17 +180,7 @@ class LLMEngine:
                 raise RuntimeError("no request can be scheduled although the cache is empty")
             return []
         now = time.perf_counter()
-        works = []
-        for s in out.seqs:
-            r = s.request
-            if r.prefill_start is None:
-                r.prefill_start = now
-            start = r.num_computed_tokens
-            works.append(SeqWork(
-                token_ids=r.all_token_ids[start:start + s.num_new_tokens], context_len=start,
-                block_table=self.blocks.block_table(r.request_id), sampling=r.sampling, seed=r.seed,
-                num_generated=len(r.output_token_ids), sample=s.completes_prompt,
-                prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids))
+        works = [seq_work(s, self.blocks, now) for s in out.seqs]
         results = self.runner.execute(works)
         self.scheduler.after_step(out)
         now = time.perf_counter()
@@ -192,21 +191,43 @@ class LLMEngine:
         return outputs
 
     def _on_token(self, r: Request, res, now: float) -> RequestOutput:
-        r.output_token_ids.append(res.token_id)
-        r.token_times.append(now)
-        if r.prefill_end is None:
-            r.prefill_end = r.decode_start = now
-        ro, reason = self.outputs.process(r.request_id, res.token_id, res.logprob, res.top_logprobs)
+        if r.decode_start is None:
+            r.decode_start = now
+        ro, reason = apply_token(r, res, now, self.outputs)
         if reason is not None:
-            self.scheduler.remove(r, _FINISH_STATUS[reason])
-            r.finish_time = now
+            self.scheduler.remove(r, FINISH_STATUS[reason])
             self.requests.pop(r.request_id, None)
-            ro.metrics = request_metrics(r)
         return ro
 
     def warmup(self) -> int:
         modes = ("prefill", "decode") if self.config.policy == "prefill_first" else ("prefill", "decode", "mixed")
         return self.runner.warmup(modes)
+
+
+def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float) -> SeqWork:
+    """The runner's view of one scheduled sequence (stamps its prefill start)."""
+    r = s.request
+    if r.prefill_start is None:
+        r.prefill_start = now
+    start = r.num_computed_tokens
+    return SeqWork(token_ids=r.all_token_ids[start:start + s.num_new_tokens], context_len=start,
+                   block_table=blocks.block_table(r.request_id), sampling=r.sampling, seed=r.seed,
+                   num_generated=len(r.output_token_ids), sample=s.completes_prompt,
+                   prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids)
+
+
+def apply_token(r: Request, res: SampleResult, now: float, outputs: OutputProcessor
+                ) -> tuple[RequestOutput, str | None]:
+    """Appends a sampled token to the request; returns its output and finish reason (None: running)."""
+    r.output_token_ids.append(res.token_id)
+    r.token_times.append(now)
+    if r.prefill_end is None:
+        r.prefill_end = now
+    ro, reason = outputs.process(r.request_id, res.token_id, res.logprob, res.top_logprobs)
+    if reason is not None:
+        r.finish_time = now
+        ro.metrics = request_metrics(r)
+    return ro, reason
 
 
 def request_metrics(r: Request) -> dict[str, float | None]:

@@ -105,6 +105,14 @@ class SampleResult:
     top_logprobs: dict[int, float]  # empty unless asked for
 
 
+@dataclasses.dataclass
+class PendingStep:
+    """A launched step: its work items and the sampler's (not yet fetched) device output."""
+
+    works: list[SeqWork]
+    out: Any
+
+
 class _Stage:
     """One pipeline stage: sub-mesh, parameters, KV pages and the jitted forward."""
 
@@ -244,26 +252,19 @@ class ModelRunner:
 
     def execute(self, works: Sequence[SeqWork]) -> list[SampleResult | None]:
         """One step for `works`; returns the sampled token of each item with `sample=True`."""
+        return self.collect(self.launch(works))
+
+    def launch(self, works: Sequence[SeqWork]) -> "PendingStep":
+        """Dispatches a step without waiting for it (JAX runs it asynchronously)."""
         tokens, meta = self.build_inputs(works)
         logits = self.forward(tokens, meta)
-        return self.sample(logits, works)
+        return PendingStep(list(works), self._launch_sample(logits, works))
 
-    def sample(self, logits: jax.Array, works: Sequence[SeqWork]) -> list[SampleResult | None]:
-        s = logits.shape[0]
-        params = [w.sampling for w in works]
-        tensors = SamplingTensors.from_params(params, [w.num_generated for w in works], self.cfg.vocab_size,
-                                              pad_to=s, seeds=[w.seed for w in works])
-        n_top = MAX_TOP_LOGPROBS if any(p.logprobs for p in params) else 0
-        penalties = None
-        if any(p.uses_penalties for p in params):
-            penalties = PenaltyInputs.from_token_lists([w.prompt_ids for w in works], [w.output_ids for w in works],
-                                                       self.cfg.vocab_size, pad_to=s)
-        rep = replicated(self.last_mesh)
-        out = self._sample(logits, jax.device_put(tensors, rep), num_top_logprobs=n_top,
-                           penalties=None if penalties is None else jax.device_put(penalties, rep))
-        out = jax.device_get(out)
+    def collect(self, pending: "PendingStep") -> list[SampleResult | None]:
+        """Waits for a launched step and returns its sampled tokens."""
+        out = jax.device_get(pending.out)
         results: list[SampleResult | None] = []
-        for i, w in enumerate(works):
+        for i, w in enumerate(pending.works):
             if not w.sample:
                 results.append(None)
                 continue
@@ -272,6 +273,22 @@ class ModelRunner:
             results.append(SampleResult(int(out.token_ids[i]), float(out.logprobs[i]), top))
         return results
 
+    def _launch_sample(self, logits: jax.Array, works: Sequence[SeqWork], *, n_top: int | None = None,
+                       force_penalties: bool = False):
+        s = logits.shape[0]
+        params = [w.sampling for w in works]
+        tensors = SamplingTensors.from_params(params, [w.num_generated for w in works], self.cfg.vocab_size,
+                                              pad_to=s, seeds=[w.seed for w in works])
+        if n_top is None:
+            n_top = MAX_TOP_LOGPROBS if any(p.logprobs for p in params) else 0
+        penalties = None
+        if force_penalties or any(p.uses_penalties for p in params):
+            penalties = PenaltyInputs.from_token_lists([w.prompt_ids for w in works], [w.output_ids for w in works],
+                                                       self.cfg.vocab_size, pad_to=s)
+        rep = replicated(self.last_mesh)
+        return self._sample(logits, jax.device_put(tensors, rep), num_top_logprobs=n_top,
+                            penalties=None if penalties is None else jax.device_put(penalties, rep))
+
     # ----------------------------------------------------------------- warm-up
     def warmup(self, modes: Sequence[str] = ("prefill", "decode")) -> int:
         """Compiles every bucket of the given modes (and the default sampler) ahead of serving.
@@ -279,6 +296,7 @@ class ModelRunner:
         Returns the number of shapes run.
         """
         n = 0
+        sampled: set = set()
         greedy = SamplingParams(temperature=0.0)
         for mode in modes:
             for t, s, w in self._bucket_shapes(mode):
@@ -289,7 +307,12 @@ class ModelRunner:
                     seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
                     logits_indices=np.zeros(s, np.int32), mode=mode)
                 logits = self.forward(tokens, meta)
-                self.sample(logits, [SeqWork([0], 0, [0], greedy)])
+                if (s, logits.shape) not in sampled:
+                    sampled.add((s, logits.shape))
+                    for n_top in (0, MAX_TOP_LOGPROBS):
+                        for pen in (False, True):
+                            jax.device_get(self._launch_sample(logits, [SeqWork([0], 0, [0], greedy)], n_top=n_top,
+                                                               force_penalties=pen))
                 n += 1
         jax.block_until_ready([st.pages for st in self.stages])
         logging.info("warm-up ran %d step shapes", n)

@@ -1,0 +1,116 @@
+"""Pull-based KV migration between two instances' paged caches (in one process).
+
+A pull gathers the request's blocks on every source pipeline stage, converts kv heads between
+the two instances' tp layouts (each checkpoint kv head is replicated `tp / kv_heads` times when
+tp exceeds the kv heads, so the replication factor can differ between instances), moves each
+layer with `jax.device_put` to the destination stage that holds that layer (resharding over the
+destination's `tp` axis), and scatters it into the destination pages (donated: in place).
+All of it is dispatched asynchronously; `Transfer.ready()` says when it has landed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from distserve_jax.runtime.buckets import geometric_buckets, round_up
+from distserve_jax.runtime.model_runner import ModelRunner
+from distserve_jax.runtime.sharding import TP, replicated
+
+
+@dataclasses.dataclass
+class Transfer:
+    """An in-flight migration: completion markers (one per destination stage) and the bytes it moved."""
+
+    arrays: list[Any]
+    num_bytes: int
+
+    def ready(self) -> bool:
+        return all(a.is_ready() for a in self.arrays)
+
+    def wait(self) -> None:
+        jax.block_until_ready(self.arrays)
+
+
+class KVMigrator:
+    """Moves blocks from `src`'s cache into `dst`'s cache, layer by layer."""
+
+    def __init__(self, src: ModelRunner, dst: ModelRunner):
+        if src.config.block_size != dst.config.block_size:
+            raise ValueError("KV migration needs the same block size on both instances")
+        if src.cfg.num_layers != dst.cfg.num_layers or src.cfg.head_dim != dst.cfg.head_dim:
+            raise ValueError("KV migration between different models")
+        self.src, self.dst = src, dst
+        # Destination kv head j holds checkpoint head j // r_dst = source head (j // r_dst) * r_src.
+        r_src, r_dst = src.cfg.kv_replication, dst.cfg.kv_replication
+        self.head_index = np.array([(j // r_dst) * r_src for j in range(dst.cfg.num_kv_heads)], np.int32)
+        self.identity_heads = bool(np.array_equal(self.head_index, np.arange(src.cfg.num_kv_heads)))
+        self.layer_src = self._layer_map(src)
+        self.layer_dst = self._layer_map(dst)
+        self.buckets = geometric_buckets(1, max(src.config.max_blocks_per_seq, dst.config.max_blocks_per_seq))
+        self._gathers = [self._make_gather(i) for i in range(len(src.stages))]
+        self._scatters = [jax.jit(_scatter, donate_argnums=(0,)) for _ in dst.stages]
+        itemsize = jnp.dtype(dst.config.dtype).itemsize
+        self.block_bytes = (2 * dst.cfg.num_kv_heads * dst.config.block_size * dst.cfg.head_dim * itemsize)
+
+    @staticmethod
+    def _layer_map(runner: ModelRunner) -> list[tuple[int, int]]:
+        out = []
+        for s, st in enumerate(runner.stages):
+            out += [(s, i) for i in range(len(st.pages))]
+        return out
+
+    def _make_gather(self, stage: int):
+        mesh = self.src.stages[stage].mesh
+        heads = len(self.head_index)
+        spec = P(TP) if heads % mesh.shape[TP] == 0 else P()
+        out_sharding = NamedSharding(mesh, spec)
+        head_index = None if self.identity_heads else jnp.asarray(self.head_index)
+
+        def gather(pages, block_ids):
+            out = []
+            for k, v in pages:
+                k, v = k[:, block_ids], v[:, block_ids]
+                if head_index is not None:
+                    k, v = k[head_index], v[head_index]
+                out.append((k, v))
+            return tuple(out)
+
+        n_layers = len(self.src.stages[stage].pages)
+        return jax.jit(gather, out_shardings=tuple((out_sharding, out_sharding) for _ in range(n_layers)))
+
+    def pull(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Transfer:
+        """Copies blocks `src_blocks` of the source cache into `dst_blocks` of the destination cache."""
+        if len(src_blocks) != len(dst_blocks):
+            raise ValueError(f"pull of {len(src_blocks)} source blocks into {len(dst_blocks)} destination blocks")
+        n = round_up(len(src_blocks), self.buckets)
+        src_ids = np.zeros(n, np.int32)
+        dst_ids = np.zeros(n, np.int32)  # padding reads and writes the null page 0
+        src_ids[:len(src_blocks)] = src_blocks
+        dst_ids[:len(dst_blocks)] = dst_blocks
+        gathered: list[Any] = []
+        for i, st in enumerate(self.src.stages):
+            gathered += list(self._gathers[i](st.pages, jax.device_put(src_ids, replicated(st.mesh))))
+        per_dst: list[list[Any]] = [[] for _ in self.dst.stages]
+        for layer, kv in enumerate(gathered):
+            s, _ = self.layer_dst[layer]
+            target = NamedSharding(self.dst.stages[s].mesh, P(TP))
+            per_dst[s].append((jax.device_put(kv[0], target), jax.device_put(kv[1], target)))
+        markers = []
+        for s, st in enumerate(self.dst.stages):
+            ids = jax.device_put(dst_ids, replicated(st.mesh))
+            st.pages, marker = self._scatters[s](st.pages, tuple(per_dst[s]), ids)
+            markers.append(marker)
+        return Transfer(markers, len(src_blocks) * self.block_bytes * len(gathered))
+
+
+def _scatter(pages, kvs, block_ids):
+    """Writes gathered K/V into `block_ids`; the scalar second output is ready when the write is done."""
+    new = tuple((k.at[:, block_ids].set(nk.astype(k.dtype)), v.at[:, block_ids].set(nv.astype(v.dtype)))
+                for (k, v), (nk, nv) in zip(pages, kvs))
+    return new, jnp.sum(block_ids)
