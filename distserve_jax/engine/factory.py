@@ -17,6 +17,8 @@ def build_core(model: str, *, mode: str = "disaggregated", placement: Any = None
     """The engine core serving `model` in `mode` (see `AsyncEngine.from_model`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if placement is not None and mode != "disaggregated":
+        raise ValueError(f"a placement only applies to mode='disaggregated', not {mode!r}")
     spec = resolve_model(model)
     devices = list(devices if devices is not None else jax.devices())
     if mode == "disaggregated":

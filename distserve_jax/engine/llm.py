@@ -7,8 +7,8 @@ from typing import Sequence
 import jax
 from tqdm import tqdm
 
-from distserve_jax.engine.llm_engine import EngineConfig, LLMEngine, validate_prompt
-from distserve_jax.engine.model_source import resolve_model
+from distserve_jax.engine.factory import build_core
+from distserve_jax.engine.llm_engine import validate_prompt
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.sampling_params import SamplingParams
 
@@ -21,13 +21,20 @@ class LLM:
       dtype: float32, bfloat16 or float16.
       tp: tensor-parallel degree (devices of one mesh).
       devices: devices to use (default: all).
+      placement: a `Placement`, a placement YAML file, or "auto": serve disaggregated (prefill and
+        decode on disjoint meshes). Without it one mesh runs both phases.
+      mode: "disaggregated", "colocated" or "chunked" (default: disaggregated with a placement,
+        else colocated).
       **engine_kwargs: `EngineConfig` fields (max_model_len, num_blocks, max_num_seqs, ...).
     """
 
     def __init__(self, model: str, *, dtype: str = "float32", tp: int = 1,
-                 devices: Sequence[jax.Device] | None = None, **engine_kwargs):
-        self.spec = resolve_model(model)
-        self.engine = LLMEngine(self.spec, tp=tp, devices=devices, config=EngineConfig(dtype=dtype, **engine_kwargs))
+                 devices: Sequence[jax.Device] | None = None, placement=None, mode: str | None = None,
+                 **engine_kwargs):
+        mode = mode or ("disaggregated" if placement is not None else "colocated")
+        self.engine = build_core(model, mode=mode, placement=placement, tp=tp, devices=devices, dtype=dtype,
+                                 **engine_kwargs)
+        self.spec = self.engine.spec
         self._counter = 0
 
     @property

@@ -71,7 +71,13 @@ class Placement:
 
     def describe(self) -> str:
         def part(tag, insts):
-            return "+".join(f"{tag}({i.describe()})" for i in insts)
+            groups: list[list] = []  # runs of identical instances: [description, count]
+            for i in insts:
+                if groups and groups[-1][0] == i.describe():
+                    groups[-1][1] += 1
+                else:
+                    groups.append([i.describe(), 1])
+            return "+".join(f"{n}x{tag}({d})" if n > 1 else f"{tag}({d})" for d, n in groups)
         return f"{part('P', self.prefill)}+{part('D', self.decode)}"
 
     # ------------------------------------------------------------ construction
