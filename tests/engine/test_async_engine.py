@@ -1,0 +1,113 @@
+"""AsyncEngine: streams equal offline output, cancellation and abort free everything, the queue limit holds."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from distserve_jax import AsyncEngine, LLM, SamplingParams
+from distserve_jax.engine.async_engine import QueueFullError
+
+KW = dict(max_model_len=128, num_blocks=48, max_num_seqs=4, max_num_batched_tokens=64)
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def _prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(4, 256, int(rng.integers(2, 40)))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module", params=["colocated", "disaggregated"])
+def engine(request, hf_checkpoint):
+    kw = dict(KW)
+    if request.param == "disaggregated":
+        kw["placement"] = "configs/placements/p2-d1.yaml"
+    eng = AsyncEngine.from_model(str(hf_checkpoint("llama3")), mode=request.param, max_queue=6, **kw)
+    yield eng
+    eng.shutdown()
+
+
+async def _collect(eng, prompt, params=GREEDY, rid=None):
+    toks, last = [], None
+    async for out in eng.generate(prompt_token_ids=prompt, sampling_params=params, request_id=rid):
+        toks += out.new_token_ids
+        last = out
+    return toks, last
+
+
+async def _assert_idle(eng):
+    for _ in range(100):
+        info = await eng.info()
+        if all(i["free_blocks"] == i["total_blocks"] and i["num_running"] == 0 and i["num_waiting"] == 0
+               for i in info["instances"]):
+            return info
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"engine still holds work: {info}")
+
+
+def test_streams_equal_offline_output(engine, hf_checkpoint):
+    prompts = _prompts(5)
+    ref = LLM(str(hf_checkpoint("llama3")), **KW).generate(prompt_token_ids=prompts, sampling_params=GREEDY,
+                                                            use_tqdm=False)
+
+    async def main():
+        res = await asyncio.gather(*[_collect(engine, p) for p in prompts])
+        for (toks, last), r in zip(res, ref):
+            assert toks == r.token_ids and last.finished and last.finish_reason == "length"
+            assert last.metrics["ttft"] > 0 and last.metrics["tpot"] > 0
+        await _assert_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_cancelled_stream_frees_its_request(engine):
+    async def main():
+        agen = engine.generate(prompt_token_ids=_prompts(1, 3)[0], sampling_params=SamplingParams(
+            temperature=0, max_tokens=100, ignore_eos=True))
+        async for _ in agen:
+            break
+        await agen.aclose()
+        await _assert_idle(engine)
+        # Task cancellation mid-stream.
+        task = asyncio.create_task(_collect(engine, _prompts(1, 4)[0], SamplingParams(max_tokens=100,
+                                                                                       ignore_eos=True)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await _assert_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_abort_ends_the_stream(engine):
+    async def main():
+        task = asyncio.create_task(_collect(engine, _prompts(1, 5)[0], SamplingParams(
+            max_tokens=100, ignore_eos=True), rid="victim"))
+        await asyncio.sleep(0.3)
+        await engine.abort("victim")
+        toks, last = await task
+        assert last.finished and last.finish_reason == "abort" and len(toks) < 100
+        await _assert_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_bad_input_and_queue_limit(engine):
+    async def main():
+        with pytest.raises(ValueError, match="prompt is empty"):
+            await _collect(engine, [])
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await _collect(engine, [10**6])
+        long = SamplingParams(max_tokens=60, ignore_eos=True)
+        tasks = [asyncio.create_task(_collect(engine, p, long)) for p in _prompts(6, 6)]
+        await asyncio.sleep(0.2)
+        with pytest.raises(QueueFullError, match="at capacity"):
+            await _collect(engine, [5, 6, 7])
+        for toks, last in await asyncio.gather(*tasks):
+            assert last.finish_reason == "length" and len(toks) == 60
+        toks, last = await _collect(engine, [5, 6, 7])  # serving again afterwards
+        assert len(toks) == 10
+        await _assert_idle(engine)
+
+    asyncio.run(main())
