@@ -17,6 +17,19 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Share compiled executables between the many engines the tests build (same shapes, same HLO)."""
+    import jax
+
+    cache = os.environ.get("DISTSERVE_TEST_JAX_CACHE", str(ROOT / ".cache" / "jax-tests"))
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    from distserve_jax.runtime import compile_counter
+
+    compile_counter.install()
+
+
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """Factory: `hf_checkpoint(variant, dtype="float32", sharded=False)` -> a cached checkpoint dir."""

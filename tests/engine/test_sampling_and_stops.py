@@ -153,3 +153,23 @@ def test_abort_frees_blocks_at_every_stage(make_llm):
     assert out.finish_reason == "abort" and len(out.token_ids) >= 1
     assert eng.abort_request("running") is None
     assert eng.blocks.num_used == 0
+
+
+def test_repetition_penalty_matches_transformers(make_llm, hf_checkpoint):
+    import torch
+    import transformers
+
+    d = hf_checkpoint("llama2")
+    prompt = _ids(12, 9)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="eager")
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             do_sample=False, max_new_tokens=24, min_new_tokens=24, eos_token_id=None,
+                             repetition_penalty=1.5)[0, len(prompt):].tolist()
+    llm = make_llm("llama2")
+    plain = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0].token_ids
+    got = llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.5), use_tqdm=False)[0].token_ids
+    assert got == ref
+    assert got != plain, "the penalty changed nothing, so the test proves nothing"
