@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 _MASK = -1e30
+_QUERY_BLOCK = 128  # query tokens attended together by the ragged prefill reference
 
 
 def _window_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -73,41 +74,43 @@ def ragged_prefill_attention_ref(
     ctx = jnp.where(valid, context_lens[seq_c], 0)
     pos = ctx + tok - query_start_loc[seq_c]
 
-    qf = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim)
-    # Scores against the chunk itself: [kv_heads, group, T, T].
-    s_new = jnp.einsum("qhgd,khd->hgqk", qf, k.astype(jnp.float32)) * scale
-    same = (seq_id[:, None] == seq_id[None, :]) & valid[:, None] & valid[None, :]
-    mask_new = same & _window_mask(pos[:, None], pos[None, :], sliding_window)
-    s_new = jnp.where(mask_new[None, None], s_new, _MASK)
-    scores = [s_new]
-    values = [(v.astype(jnp.float32), mask_new)]
-
+    kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
     if k_pages is not None:
-        # Scores against each token's cached context: gather its sequence's pages.
-        page_size = k_pages.shape[2]
-        max_blocks = block_tables.shape[1]
-        kc = k_pages[:, block_tables].reshape(num_kv_heads, num_seqs, max_blocks * page_size, head_dim)
-        vc = v_pages[:, block_tables].reshape(num_kv_heads, num_seqs, max_blocks * page_size, head_dim)
-        kc_tok = kc[:, seq_c].astype(jnp.float32)  # [H, T, C, D]
-        vc_tok = vc[:, seq_c].astype(jnp.float32)
-        cpos = jnp.arange(max_blocks * page_size, dtype=jnp.int32)
-        mask_ctx = (cpos[None, :] < ctx[:, None]) & valid[:, None]
-        mask_ctx &= _window_mask(pos[:, None], cpos[None, :], sliding_window)
-        s_ctx = jnp.einsum("qhgd,hqcd->hgqc", qf, kc_tok) * scale
-        s_ctx = jnp.where(mask_ctx[None, None], s_ctx, _MASK)
-        scores.append(s_ctx)
+        # Each sequence's cached context, gathered once: [kv_heads, num_seqs, C, head_dim].
+        page_size, max_blocks = k_pages.shape[2], block_tables.shape[1]
+        c = max_blocks * page_size
+        kc = k_pages[:, block_tables].reshape(num_kv_heads, num_seqs, c, head_dim).astype(jnp.float32)
+        vc = v_pages[:, block_tables].reshape(num_kv_heads, num_seqs, c, head_dim).astype(jnp.float32)
+        cpos = jnp.arange(c, dtype=jnp.int32)
 
-    s = jnp.concatenate(scores, axis=-1)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    all_masked = m <= _MASK / 2
-    p = jnp.where(all_masked, 0.0, p)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
-    p = p / jnp.where(denom == 0, 1.0, denom)
-    n_new = num_tokens
-    out = jnp.einsum("hgqk,khd->qhgd", p[..., :n_new], values[0][0])
-    if k_pages is not None:
-        out = out + jnp.einsum("hgqc,hqcd->qhgd", p[..., n_new:], vc_tok)
+    def attend(qb, posb, seqb, ctxb, validb):
+        """Queries `[B, Hq, D]` of one block of tokens against the chunk (and their contexts)."""
+        qg = qb.astype(jnp.float32).reshape(-1, num_kv_heads, group, head_dim)
+        same = (seqb[:, None] == seq_id[None, :]) & validb[:, None] & valid[None, :]
+        mask = same & _window_mask(posb[:, None], pos[None, :], sliding_window)
+        s = jnp.where(mask[None, None], jnp.einsum("qhgd,khd->hgqk", qg, kf) * scale, _MASK)
+        if k_pages is not None:
+            kcb, vcb = kc[:, jnp.minimum(seqb, num_seqs - 1)], vc[:, jnp.minimum(seqb, num_seqs - 1)]
+            mask_c = (cpos[None, :] < ctxb[:, None]) & validb[:, None]
+            mask_c &= _window_mask(posb[:, None], cpos[None, :], sliding_window)
+            s_c = jnp.where(mask_c[None, None], jnp.einsum("qhgd,hqcd->hgqc", qg, kcb) * scale, _MASK)
+            s = jnp.concatenate([s, s_c], axis=-1)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.where(m <= _MASK / 2, 0.0, jnp.exp(s - m))
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        p = p / jnp.where(denom == 0, 1.0, denom)
+        out = jnp.einsum("hgqk,khd->qhgd", p[..., :num_tokens], vf)
+        if k_pages is not None:
+            out = out + jnp.einsum("hgqc,hqcd->qhgd", p[..., num_tokens:], vcb)
+        return out.reshape(-1, num_q_heads, head_dim)
+
+    # Query tokens in blocks, so the per-token context never materialises for the whole batch.
+    block = min(num_tokens, _QUERY_BLOCK)
+    if num_tokens % block:
+        block = num_tokens
+    nb = num_tokens // block
+    split = lambda x: x.reshape((nb, block) + x.shape[1:])  # noqa: E731
+    out = jax.lax.map(lambda xs: attend(*xs), (split(q), split(pos), split(seq_id), split(ctx), split(valid)))
     return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
 
