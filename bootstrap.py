@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Sets up the repo's git-ignored virtualenv (.venv) and runs the demo or the test suite.
 
-    python3 bootstrap.py demo   # generate from the embedded demo model
+    python3 bootstrap.py demo   # serve the demo model, disaggregated vs colocated, over gRPC
     python3 bootstrap.py test   # run the whole test suite
 
 Only python3 is needed; the venv is created on first use and reused while pyproject.toml is
@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     if argv[1] == "demo":
-        cmd = [str(PY), "-m", "distserve_jax.demo", *argv[2:]]
+        cmd = [str(PY), "-m", "serving.demo", *argv[2:]]
     else:
         cmd = [str(PY), "-m", "pytest", "-q", *argv[2:]]
     return subprocess.call(cmd, cwd=ROOT, env=env)

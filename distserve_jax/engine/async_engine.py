@@ -110,16 +110,18 @@ class AsyncEngine:
             if not finished:
                 await self.abort(rid)
 
-    async def abort(self, request_id: str) -> None:
-        """Stops a request wherever it is and frees everything it holds."""
+    async def abort(self, request_id: str) -> bool:
+        """Stops a request wherever it is and frees everything it holds; False if it was unknown."""
         with self._lock:
             entry = self._streams.pop(request_id, None)
-        if self._dead is None and self._thread.is_alive():
-            await asyncio.wrap_future(self._submit(lambda: self.core.abort_request(request_id)))
+        found = False
+        if self._dead is None and not self._stop and self._thread.is_alive():
+            found = await asyncio.wrap_future(self._submit(lambda: self.core.abort_request(request_id))) is not None
         if entry is not None:
             loop, q = entry
             loop.call_soon_threadsafe(q.put_nowait, RequestOutput(
                 request_id, [], [], [], "", "", True, "abort"))
+        return found or entry is not None
 
     async def info(self) -> dict[str, Any]:
         """The core's live state (queues, free blocks per instance), read on the engine thread."""
@@ -153,6 +155,9 @@ class AsyncEngine:
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if self._dead is not None:
             fut.set_exception(EngineDeadError(f"engine stopped: {self._dead!r}"))
+            return fut
+        if self._stop:
+            fut.set_exception(EngineDeadError("engine is shut down"))
             return fut
         self._commands.put((fn, fut))
         self._wake.set()

@@ -227,6 +227,7 @@ class DisaggEngine:
             if req.decode_start is None:
                 req.decode_start = req.migration_end
             self.migrated_bytes += pull.transfer.num_bytes
+            req.migration_bytes += pull.transfer.num_bytes
             self.migration_seconds.append(req.migration_end - req.migration_start)
         self.pulls.clear()
 

@@ -237,6 +237,7 @@ def request_metrics(r: Request) -> dict[str, float | None]:
     return {
         "arrival_time": r.arrival_time, "prefill_start": r.prefill_start, "prefill_end": r.prefill_end,
         "migration_start": r.migration_start, "migration_end": r.migration_end, "decode_start": r.decode_start,
+        "migration_bytes": r.migration_bytes,
         "finish_time": r.finish_time, "first_token_time": first,
         "ttft": None if first is None else first - r.arrival_time,
         "tpot": (r.token_times[-1] - first) / (n - 1) if n > 1 else None,

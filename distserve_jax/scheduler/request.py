@@ -51,6 +51,7 @@ class Request:
     prefill_end: float | None = None
     migration_start: float | None = None
     migration_end: float | None = None
+    migration_bytes: int = 0
     decode_start: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
     finish_time: float | None = None
