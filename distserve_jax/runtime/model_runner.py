@@ -32,6 +32,7 @@ from distserve_jax.runtime.weights import WeightSource
 from distserve_jax.sampling_params import SamplingParams
 
 MAX_TOP_LOGPROBS = 20
+CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,8 @@ class RunnerConfig:
       max_model_len: longest sequence (prompt + output) served.
       block_size: tokens per KV block.
       num_blocks: KV blocks (page 0 included); None sizes the cache from device memory, or on
-        devices that do not report memory, to hold `max_num_seqs` full-length sequences.
+        devices that do not report memory (CPU), to hold `max_num_seqs` full-length sequences
+        within `CPU_KV_BUDGET_BYTES` per stage (and at least one full sequence).
       kv_cache_memory_fraction: share of device memory for weights + KV cache.
       max_num_seqs: most sequences in one step.
       max_num_batched_tokens: most tokens in one prefill step (a longer prompt runs alone).
@@ -181,7 +183,12 @@ class ModelRunner:
                                                  fraction=c.kv_cache_memory_fraction, weight_bytes=weight_bytes,
                                                  num_layers=e - s) for m, (s, e) in zip(meshes, bounds)]
         if any(n is None for n in per_stage):
-            return 1 + c.max_num_seqs * c.max_blocks_per_seq
+            # No memory stats (CPU): room for max_num_seqs full sequences, within a host budget.
+            per_block = max(kv_cache.block_bytes(self.cfg, c.block_size, c.dtype, e - s) for s, e in bounds)
+            n = min(1 + c.max_num_seqs * c.max_blocks_per_seq, 1 + CPU_KV_BUDGET_BYTES // per_block)
+            logging.info("KV cache: %d blocks (devices report no memory; host budget %.1f GiB)", n,
+                         CPU_KV_BUDGET_BYTES / 2**30)
+            return max(n, 1 + c.max_blocks_per_seq)
         return min(per_stage)
 
     # ----------------------------------------------------------------- inputs
