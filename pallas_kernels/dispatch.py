@@ -6,7 +6,9 @@ Backends:
     through Triton (see `lowering.py`); requires a GPU.
   - ``pallas_interpret``: the same kernels run by the Pallas interpreter (`interpret=True`) on
     any platform. Far too slow to serve with; tests and a flag choose it explicitly.
-  - ``auto``: ``pallas`` on GPU, ``reference`` elsewhere.
+  - ``xla``: decode through the blocked scan of `xla_decode.py` (reads the cache once, no
+    context-sized gather), prefill through the reference.
+  - ``auto``: ``pallas`` on GPU, ``xla`` elsewhere.
 
 The backend is chosen per call by the ``backend`` argument, else by the environment variable
 ``DISTSERVE_ATTENTION_BACKEND``, else ``auto``. The functions work on local shards inside
@@ -23,10 +25,10 @@ import os
 
 import jax
 
-from pallas_kernels import paged_decode, ragged_prefill, reference, validation
+from pallas_kernels import paged_decode, ragged_prefill, reference, validation, xla_decode
 from pallas_kernels.lowering import Launch, padded_dim
 
-BACKENDS = ("auto", "reference", "pallas", "pallas_interpret")
+BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
 ENV_VAR = "DISTSERVE_ATTENTION_BACKEND"
 
 # Tile sizes used by the dispatcher (tuned for Ampere/Hopper-class GPUs; the interpreter uses
@@ -48,7 +50,7 @@ def resolve_backend(backend: str | None = None) -> str:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
     on_gpu = jax.default_backend() == "gpu"
     if name == "auto":
-        return "pallas" if on_gpu else "reference"
+        return "pallas" if on_gpu else "xla"
     if name == "pallas" and not on_gpu:
         raise ValueError(f"attention backend 'pallas' needs a GPU but JAX's default backend is "
                          f"{jax.default_backend()!r}; use 'pallas_interpret' or 'reference'")
@@ -71,7 +73,7 @@ def ragged_prefill_attention(q, k, v, query_start_loc, context_lens, *, k_pages=
     validation.check_prefill(q, k, v, query_start_loc, context_lens, k_pages, v_pages,
                              block_tables, scale, sliding_window)
     scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
-    if name == "reference":
+    if name in ("reference", "xla"):
         return reference.ragged_prefill_attention_ref(
             q, k, v, query_start_loc, context_lens, k_pages=k_pages, v_pages=v_pages,
             block_tables=block_tables, scale=scale, sliding_window=sliding_window)
@@ -92,6 +94,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale:
     scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
     if name == "reference":
         return reference.paged_decode_attention_ref(
+            q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
+    if name == "xla":
+        return xla_decode.paged_decode_attention_xla(
             q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
     return paged_decode.paged_decode_attention(
         q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window,

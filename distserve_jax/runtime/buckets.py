@@ -19,6 +19,24 @@ def geometric_buckets(lo: int, hi: int, factor: int = 2) -> tuple[int, ...]:
     return tuple(out)
 
 
+def fine_buckets(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two and the midpoints between them (`lo, 1.5*lo, 2*lo, 3*lo, 4*lo, ...`) up to `hi`.
+
+    At most 1.5x padding, for shapes whose padding costs real work (block-table widths).
+    """
+    if lo < 1 or hi < 1:
+        raise ValueError(f"bucket bounds must be positive, got lo={lo}, hi={hi}")
+    out = set()
+    v = lo
+    while v < hi:
+        out.add(v)
+        if v % 2 == 0 and v * 3 // 2 < hi:
+            out.add(v * 3 // 2)
+        v *= 2
+    out.add(hi)
+    return tuple(sorted(out))
+
+
 def round_up(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= n."""
     i = bisect.bisect_left(buckets, n)

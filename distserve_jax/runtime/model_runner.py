@@ -25,7 +25,7 @@ from distserve_jax.models.attention import AttentionMetadata, paged_attention
 from distserve_jax.models.config import ModelConfig
 from distserve_jax.models.decoder import DecoderStage, stage_bounds
 from distserve_jax.runtime import kv_cache
-from distserve_jax.runtime.buckets import geometric_buckets, round_up
+from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up
 from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample
 from distserve_jax.runtime.sharding import TP, replicated
 from distserve_jax.runtime.weights import WeightSource
@@ -171,10 +171,12 @@ class ModelRunner:
         self.last_mesh = stage_meshes[-1]
         self._sample = jax.jit(sample, static_argnames=("num_top_logprobs",))
         c = config
-        self.seq_buckets = geometric_buckets(1, c.max_num_seqs)
+        # Decode batches start at 2 rows: a one-token step makes XLA turn the KV page scatter into a
+        # select + dynamic-update-slice that copies every page array (a padding row writes page 0).
+        self.seq_buckets = geometric_buckets(2, max(2, c.max_num_seqs))
         self.prefill_seq_buckets = geometric_buckets(1, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
-        self.width_buckets = geometric_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
+        self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
 
     def _size_cache(self, meshes, params, bounds) -> int:
         c = self.config

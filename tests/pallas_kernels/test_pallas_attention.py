@@ -5,6 +5,7 @@ Interpret mode compiles slowly on CPU, so each parametrization is one compile wi
 shapes; every case draws fresh data (lengths, contexts, page orders) from its own seed.
 """
 
+import functools
 import os
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -287,10 +288,29 @@ def test_combine_splits_is_stable_for_large_logits():
     assert np.all(np.asarray(empty) == 0)
 
 
+@pytest.mark.parametrize("dtype,kv_heads,group,head_dim,window,num_splits", DECODE_CONFIGS)
+def test_xla_paged_decode_matches_references(dtype, kv_heads, group, head_dim, window, num_splits):
+    from pallas_kernels import xla_decode
+    scale = head_dim ** -0.5
+    for seed in range(2):
+        args = decode_case(2000 + 100 * head_dim + 10 * group + seed, dtype=dtype,
+                           kv_heads=kv_heads, group=group, head_dim=head_dim)
+        out = jax.jit(functools.partial(xla_decode.paged_decode_attention_xla, scale=scale,
+                                        sliding_window=window))(**args)
+        assert out.shape == args["q"].shape and out.dtype == dtype
+        a = np_inputs(args)
+        exact = np_decode(a["q"], a["k_pages"], a["v_pages"], a["block_tables"], a["lengths"],
+                          scale, window)
+        assert rel_err(out, REF_DECODE(**args, scale=scale, sliding_window=window)) <= TOL[dtype]
+        assert rel_err(out, exact) <= TOL[dtype]
+        empty = np.asarray(args["lengths"]) == 0
+        assert empty.any() and not np.asarray(out, np.float32)[empty].any(), "empty slot != 0"
+
+
 # ----------------------------------------------------------------------------- dispatcher
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.resolve_backend() == "reference"  # auto on CPU
+    assert dispatch.resolve_backend() == "xla"  # auto on CPU
     monkeypatch.setenv(dispatch.ENV_VAR, "pallas_interpret")
     assert dispatch.resolve_backend() == "pallas_interpret"
     assert dispatch.resolve_backend("reference") == "reference"  # argument overrides env
