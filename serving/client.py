@@ -13,7 +13,7 @@ import asyncio
 import dataclasses
 import sys
 import time
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grpc
 from absl import app, flags

@@ -21,7 +21,7 @@ from absl import logging
 from distserve_jax.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.sampling_params import SamplingParams
-from serving.convert import InvalidRequest, Overloaded, ServingError, Unavailable
+from serving.convert import InvalidRequest, Overloaded, Unavailable
 from serving.prometheus_metrics import ServingMetrics, record_from_metrics
 
 

@@ -20,18 +20,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import numpy as np
 from absl import logging
 
-from distserve_jax.engine.llm_engine import (FINISH_STATUS, EngineConfig, apply_token, build_request,
-                                             seq_work)
+from distserve_jax.engine.llm_engine import FINISH_STATUS, EngineConfig, EngineCoreBase, apply_token, seq_work
 from distserve_jax.engine.model_source import ModelSpec
-from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
+from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.engine.placement import Placement
 from distserve_jax.runtime.kv_transfer import KVMigrator, Transfer
 from distserve_jax.runtime.model_runner import ModelRunner
 from distserve_jax.runtime.sharding import make_mesh
-from distserve_jax.sampling_params import SamplingParams
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.disagg import DecodeScheduler, PrefillScheduler, pick_decode, pick_prefill
 from distserve_jax.scheduler.policies import SchedulerConfig
@@ -68,7 +65,7 @@ class _Pull:
     transfer: Transfer
 
 
-class DisaggEngine:
+class DisaggEngine(EngineCoreBase):
     """Engine core for disaggregated serving (same interface as `LLMEngine`)."""
 
     def __init__(self, spec: ModelSpec, *, placement: Placement | str | Path | None = None,
@@ -79,9 +76,9 @@ class DisaggEngine:
         elif isinstance(placement, (str, Path)):
             placement = Placement.from_yaml(placement)
         assigned = placement.assign(devices, spec.config)  # validates before anything is built
-        self.spec, self.config, self.placement = spec, config, placement
+        self.config, self.placement = config, placement
         rc = config.runner_config(spec.config.max_position_embeddings)
-        self.max_model_len = rc.max_model_len
+        self._init_front(spec, rc.max_model_len, config.seed)
         sc = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
         self.prefill: list[Instance] = []
         self.decode: list[Instance] = []
@@ -96,11 +93,6 @@ class DisaggEngine:
         self._migrators: dict[tuple[str, str], KVMigrator] = {}
         self.migration_queue: collections.deque[tuple[Request, Instance]] = collections.deque()
         self.pulls: list[_Pull] = []
-        eos = spec.tokenizer.eos_token_ids if spec.tokenizer and spec.tokenizer.eos_token_ids else spec.config.eos_token_ids
-        self.outputs = OutputProcessor(spec.tokenizer, tuple(eos), self.max_model_len)
-        self.requests: dict[str, Request] = {}
-        self._rng = np.random.default_rng(config.seed)
-        self._next_id = 0
         self.migrated_bytes = 0
         self.migration_seconds: list[float] = []
 
@@ -109,36 +101,13 @@ class DisaggEngine:
         return self.prefill + self.decode
 
     # ---------------------------------------------------------------- requests
-    def add_request(self, request_id: str | None = None, prompt: str | None = None,
-                    prompt_token_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> Request:
-        """Validates a request and queues it on the prefill instance with the shortest queue."""
-        if request_id is None:
-            request_id = f"req-{self._next_id}"
-            self._next_id += 1
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
-        cap = min(i.blocks.max_tokens_per_request() for i in self.instances)
-        req = build_request(self.spec, self.max_model_len, cap, self._rng, request_id, prompt,
-                            prompt_token_ids, params, arrival_time)
-        self.requests[request_id] = req
-        self.outputs.add(request_id, req.prompt_token_ids, req.sampling)
-        self._to_prefill(req)
-        return req
+    def _max_kv_tokens(self) -> int:
+        return min(i.blocks.max_tokens_per_request() for i in self.instances)
 
-    def _to_prefill(self, req: Request) -> None:
+    def _enqueue(self, req: Request) -> None:
+        """Queues on the prefill instance with the fewest queued tokens."""
         i = pick_prefill([p.scheduler for p in self.prefill])
         self.prefill[i].scheduler.add(req)
-
-    def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Frees everything the request holds wherever it is: queued, prefilling, waiting to migrate,
-        mid-migration or decoding. None if unknown or already finished."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None
-        self._drop(req, RequestStatus.FINISHED_ABORTED)
-        req.finish_time = time.perf_counter()
-        return self.outputs.final_abort(request_id, req.prompt_token_ids)
 
     def _drop(self, req: Request, status: RequestStatus) -> None:
         """Removes a request from every instance and queue, freeing its blocks."""
@@ -149,9 +118,6 @@ class DisaggEngine:
             if inst.scheduler.find(req.request_id) is req or inst.blocks.has(req.request_id):
                 inst.scheduler.remove(req, status)
         req.status = status
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
 
     def info(self) -> dict[str, Any]:
         return {"mode": "disaggregated", "placement": self.placement.describe(), "max_model_len": self.max_model_len,
@@ -173,7 +139,7 @@ class DisaggEngine:
             out = inst.scheduler.schedule()
             for r in out.preempted:
                 logging.info("%s preempted %s (KV cache full); recomputing it", inst.name, r.request_id)
-                self._to_prefill(r)
+                self._enqueue(r)
             if out:
                 works = [seq_work(s, inst.blocks, now) for s in out.seqs]
                 launched.append((inst, out, [inst.runner.launch(mb) for mb in _split(works, inst.pp)]))

@@ -109,30 +109,32 @@ def build_request(spec: ModelSpec, max_model_len: int, max_kv_tokens: int, rng: 
                    max_tokens=params.max_tokens)
 
 
-class LLMEngine:
-    """Continuous-batching engine for one instance (tp devices, one mesh)."""
+class EngineCoreBase:
+    """What every engine core shares: the request table, ids and seeds, validation, output processing.
 
-    def __init__(self, spec: ModelSpec, *, tp: int = 1, devices: Sequence[jax.Device] | None = None,
-                 config: EngineConfig = EngineConfig()):
-        devices = list(devices if devices is not None else jax.devices())
-        if len(devices) < tp:
-            raise ValueError(f"tp={tp} needs {tp} devices, only {len(devices)} available")
-        spec.config.validate_tp(tp)
+    Subclasses say how big a request may be (`_max_kv_tokens`), where a new request goes
+    (`_enqueue`) and how to take one out everywhere (`_drop`).
+    """
+
+    def _init_front(self, spec: ModelSpec, max_model_len: int, seed: int) -> None:
         self.spec = spec
-        self.config = config
-        rc = config.runner_config(spec.config.max_position_embeddings)
-        self.max_model_len = rc.max_model_len
-        self.runner = ModelRunner(spec.config, [make_mesh(devices[:tp])], spec.weights, rc)
-        self.blocks = BlockManager(self.runner.num_blocks, rc.block_size)
-        self.scheduler = make_scheduler(config.policy, SchedulerConfig(
-            config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
-        eos = spec.tokenizer.eos_token_ids if spec.tokenizer and spec.tokenizer.eos_token_ids else spec.config.eos_token_ids
-        self.outputs = OutputProcessor(spec.tokenizer, tuple(eos), self.max_model_len)
+        self.max_model_len = max_model_len
+        tok = spec.tokenizer
+        eos = tok.eos_token_ids if tok is not None and tok.eos_token_ids else spec.config.eos_token_ids
+        self.outputs = OutputProcessor(tok, tuple(eos), max_model_len)
         self.requests: dict[str, Request] = {}
-        self._rng = np.random.default_rng(config.seed)
+        self._rng = np.random.default_rng(seed)
         self._next_id = 0
 
-    # ---------------------------------------------------------------- requests
+    def _max_kv_tokens(self) -> int:
+        raise NotImplementedError
+
+    def _enqueue(self, req: Request) -> None:
+        raise NotImplementedError
+
+    def _drop(self, req: Request, status: RequestStatus) -> None:
+        raise NotImplementedError
+
     def add_request(self, request_id: str | None = None, prompt: str | None = None,
                     prompt_token_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> Request:
@@ -142,24 +144,52 @@ class LLMEngine:
             self._next_id += 1
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        req = build_request(self.spec, self.max_model_len, self.blocks.max_tokens_per_request(), self._rng,
+        req = build_request(self.spec, self.max_model_len, self._max_kv_tokens(), self._rng,
                             request_id, prompt, prompt_token_ids, params, arrival_time)
         self.requests[request_id] = req
         self.outputs.add(request_id, req.prompt_token_ids, req.sampling)
-        self.scheduler.add(req)
+        self._enqueue(req)
         return req
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stops a request wherever it is and frees its blocks; None if unknown or already finished."""
+        """Stops a request wherever it is and frees everything it holds; None if unknown or finished."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
-        self.scheduler.remove(req, RequestStatus.FINISHED_ABORTED)
+        self._drop(req, RequestStatus.FINISHED_ABORTED)
         req.finish_time = time.perf_counter()
         return self.outputs.final_abort(request_id, req.prompt_token_ids)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+
+class LLMEngine(EngineCoreBase):
+    """Continuous-batching engine for one instance (tp devices, one mesh)."""
+
+    def __init__(self, spec: ModelSpec, *, tp: int = 1, devices: Sequence[jax.Device] | None = None,
+                 config: EngineConfig = EngineConfig()):
+        devices = list(devices if devices is not None else jax.devices())
+        if len(devices) < tp:
+            raise ValueError(f"tp={tp} needs {tp} devices, only {len(devices)} available")
+        spec.config.validate_tp(tp)
+        self.config = config
+        rc = config.runner_config(spec.config.max_position_embeddings)
+        self._init_front(spec, rc.max_model_len, config.seed)
+        self.runner = ModelRunner(spec.config, [make_mesh(devices[:tp])], spec.weights, rc)
+        self.blocks = BlockManager(self.runner.num_blocks, rc.block_size)
+        self.scheduler = make_scheduler(config.policy, SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+
+    # ---------------------------------------------------------------- requests
+    def _max_kv_tokens(self) -> int:
+        return self.blocks.max_tokens_per_request()
+
+    def _enqueue(self, req: Request) -> None:
+        self.scheduler.add(req)
+
+    def _drop(self, req: Request, status: RequestStatus) -> None:
+        self.scheduler.remove(req, status)
 
     def info(self) -> dict:
         """Live state: one instance that runs both phases."""

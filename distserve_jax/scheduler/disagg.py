@@ -89,11 +89,7 @@ class DecodeScheduler(Scheduler):
 
     def preempt(self, request: Request) -> None:
         """Frees the request here; the engine requeues it on a prefill instance for recomputation."""
-        self.running.remove(request)
-        self.blocks.free(request.request_id)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        request.status = RequestStatus.WAITING
+        self._evict(request)
 
     def schedule(self) -> SchedulerOutput:
         seqs, preempted = self._reserve_decode_slots(list(self.running))

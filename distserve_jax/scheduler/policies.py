@@ -93,12 +93,24 @@ class Scheduler:
 
     def preempt(self, request: Request) -> None:
         """Frees a running request's blocks and requeues it first, to be recomputed."""
+        self._evict(request)
+        self.waiting.appendleft(request)
+
+    def _evict(self, request: Request) -> None:
+        """Takes a running request off this instance for recomputation (its KV is dropped)."""
         self.running.remove(request)
         self.blocks.free(request.request_id)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+
+    def _admit_head(self, num_tokens: int) -> ScheduledSeq:
+        """Moves the head of the waiting queue to running with blocks for its first `num_tokens`."""
+        r = self.waiting.popleft()
+        self.blocks.allocate(r.request_id, num_tokens)
+        r.status = RequestStatus.RUNNING
+        self.running.append(r)
+        return ScheduledSeq(r, num_tokens)
 
     def after_step(self, out: SchedulerOutput) -> None:
         """Records that the scheduled tokens are now in the cache."""
@@ -122,11 +134,7 @@ class Scheduler:
                 break
             if not self.blocks.can_fit(n):
                 break
-            self.blocks.allocate(r.request_id, n)
-            self.waiting.popleft()
-            r.status = RequestStatus.RUNNING
-            self.running.append(r)
-            seqs.append(ScheduledSeq(r, n))
+            seqs.append(self._admit_head(n))
             budget -= n
             if budget <= 0:
                 break
@@ -188,10 +196,6 @@ class ChunkedPrefillScheduler(Scheduler):
             n = min(r.num_pending_tokens, budget)
             if not self.blocks.can_fit(n):
                 break
-            self.blocks.allocate(r.request_id, n)
-            self.waiting.popleft()
-            r.status = RequestStatus.RUNNING
-            self.running.append(r)
-            seqs.append(ScheduledSeq(r, n))
+            seqs.append(self._admit_head(n))
             budget -= n
         return SchedulerOutput(seqs, preempted)

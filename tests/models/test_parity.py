@@ -5,7 +5,7 @@ import pytest
 
 from distserve_jax.engine.model_source import resolve_model
 from distserve_jax.models import orbax_io
-from distserve_jax.runtime.sharding import make_mesh, param_shardings
+from distserve_jax.runtime.sharding import make_mesh
 from tests.hf_checkpoints import VARIANTS, hf_prefill_logits
 from tests.models.model_logits import runtime_logits
 
