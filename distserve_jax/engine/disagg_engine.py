@@ -198,8 +198,10 @@ class DisaggEngine(EngineCoreBase):
         self.pulls.clear()
 
     def warmup(self) -> int:
+        """Compiles every step bucket of every instance and every pull size of every instance pair."""
         n = sum(p.runner.warmup(("prefill",)) for p in self.prefill)
-        return n + sum(d.runner.warmup(("decode",)) for d in self.decode)
+        n += sum(d.runner.warmup(("decode",)) for d in self.decode)
+        return n + sum(self._migrator(p, d).warmup() for p in self.prefill for d in self.decode)
 
 
 def _split(works: list, parts: int) -> list[list]:

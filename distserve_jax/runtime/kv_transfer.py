@@ -84,6 +84,12 @@ class KVMigrator:
         n_layers = len(self.src.stages[stage].pages)
         return jax.jit(gather, out_shardings=tuple((out_sharding, out_sharding) for _ in range(n_layers)))
 
+    def warmup(self) -> int:
+        """Compiles the pull for every block-count bucket (null page onto null page)."""
+        for n in self.buckets:
+            self.pull([0] * n, [0] * n).wait()
+        return len(self.buckets)
+
     def pull(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Transfer:
         """Copies blocks `src_blocks` of the source cache into `dst_blocks` of the destination cache."""
         if len(src_blocks) != len(dst_blocks):
