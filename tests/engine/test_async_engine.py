@@ -27,12 +27,17 @@ def engine(request, hf_checkpoint):
     eng.shutdown()
 
 
-async def _collect(eng, prompt, params=GREEDY, rid=None):
+async def _collect(eng, prompt, params=GREEDY, rid=None, started: asyncio.Event | None = None):
     toks, last = [], None
     async for out in eng.generate(prompt_token_ids=prompt, sampling_params=params, request_id=rid):
         toks += out.new_token_ids
         last = out
+        if started is not None:
+            started.set()
     return toks, last
+
+
+LONG = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
 
 
 async def _assert_idle(eng):
@@ -62,16 +67,15 @@ def test_streams_equal_offline_output(engine, hf_checkpoint):
 
 def test_cancelled_stream_frees_its_request(engine):
     async def main():
-        agen = engine.generate(prompt_token_ids=_prompts(1, 3)[0], sampling_params=SamplingParams(
-            temperature=0, max_tokens=100, ignore_eos=True))
+        agen = engine.generate(prompt_token_ids=[7, 8, 9], sampling_params=LONG)
         async for _ in agen:
             break
         await agen.aclose()
         await _assert_idle(engine)
-        # Task cancellation mid-stream.
-        task = asyncio.create_task(_collect(engine, _prompts(1, 4)[0], SamplingParams(max_tokens=100,
-                                                                                       ignore_eos=True)))
-        await asyncio.sleep(0.3)
+        # Task cancellation mid-stream, right after the first token.
+        started = asyncio.Event()
+        task = asyncio.create_task(_collect(engine, [7, 8, 9], LONG, started=started))
+        await started.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -82,12 +86,12 @@ def test_cancelled_stream_frees_its_request(engine):
 
 def test_abort_ends_the_stream(engine):
     async def main():
-        task = asyncio.create_task(_collect(engine, _prompts(1, 5)[0], SamplingParams(
-            max_tokens=100, ignore_eos=True), rid="victim"))
-        await asyncio.sleep(0.3)
-        await engine.abort("victim")
+        started = asyncio.Event()
+        task = asyncio.create_task(_collect(engine, [7, 8, 9], LONG, rid="victim", started=started))
+        await started.wait()
+        assert await engine.abort("victim")
         toks, last = await task
-        assert last.finished and last.finish_reason == "abort" and len(toks) < 100
+        assert last.finished and last.finish_reason == "abort" and 1 <= len(toks) < 80
         await _assert_idle(engine)
 
     asyncio.run(main())
@@ -101,7 +105,7 @@ def test_bad_input_and_queue_limit(engine):
             await _collect(engine, [10**6])
         long = SamplingParams(max_tokens=60, ignore_eos=True)
         tasks = [asyncio.create_task(_collect(engine, p, long)) for p in _prompts(6, 6)]
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0)  # each task registers its stream before its first await
         with pytest.raises(QueueFullError, match="at capacity"):
             await _collect(engine, [5, 6, 7])
         for toks, last in await asyncio.gather(*tasks):
