@@ -33,7 +33,8 @@ from pallas_kernels import dispatch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("kernel", "both", ["decode", "prefill", "both"], "Which kernel to measure.")
-flags.DEFINE_list("backends", ["auto"], "Backends to time (see pallas_kernels.dispatch.BACKENDS).")
+flags.DEFINE_list("backends", ["reference", "auto"], "Backends to time (see pallas_kernels.dispatch.BACKENDS); "
+                  "the default puts the jnp reference beside what the dispatcher picks here.")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Activation and cache dtype.")
 flags.DEFINE_integer("num_seqs", 32, "Sequences per batch (decode slots; prefill prompts).")
 flags.DEFINE_integer("context_len", 2048, "Decode: tokens in the cache per sequence.")
