@@ -120,6 +120,27 @@ def load_tile(ref, idx: tuple, mask: jax.Array, other: float | int = 0) -> jax.A
     return pl_triton.load(ref.at[idx], mask=mask, other=other)
 
 
+def load_paged_kv(bt_ref, kp_ref, vp_ref, *, seq, kv_head, kpos: jax.Array, k_ok: jax.Array,
+                  cols: jax.Array, col_ok: jax.Array, num_pages: int, page_size: int, dtype
+                  ) -> tuple[jax.Array, jax.Array]:
+    """Loads the K and V tiles of key positions `kpos` `[block_k]` of one sequence through its block table.
+
+    Args:
+      bt_ref: the block tables `[num_seqs, max_blocks]`; kp_ref, vp_ref: the pages flattened to
+        `[num_kv_heads * num_pages * page_size, dp]`.
+      k_ok: `[block_k]` which positions exist; cols/col_ok: the padded head_dim columns.
+    Returns:
+      `(k, v)`, each `[block_k, dp]` in `dtype`; positions or columns that do not exist read 0.
+    """
+    page = load_tile(bt_ref, (seq, lax.div(kpos, jnp.int32(page_size))), k_ok)
+    page = jnp.clip(page, 0, num_pages - 1)
+    slot = (kv_head * num_pages + page) * page_size + lax.rem(kpos, jnp.int32(page_size))
+    tile_ok = k_ok[:, None] & col_ok
+    kb = load_tile(kp_ref, (slot[:, None], cols[None, :]), tile_ok).astype(dtype)
+    vb = load_tile(vp_ref, (slot[:, None], cols[None, :]), tile_ok).astype(dtype)
+    return kb, vb
+
+
 def store_tile(ref, idx: tuple, value: jax.Array, mask: jax.Array) -> None:
     """Scatters `value` into `ref[idx]` where `mask` is True (same index rules as `load_tile`)."""
     pl_triton.store(ref.at[idx], value, mask=mask)

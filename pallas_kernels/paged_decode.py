@@ -69,12 +69,9 @@ def paged_decode_kernel(lengths_ref, bt_ref, q_ref, kp_ref, vp_ref, *refs, scale
     def body(j, carry):
         kpos = lo + j * block_k + jnp.arange(block_k, dtype=jnp.int32)
         k_ok = kpos < hi
-        page = lowering.load_tile(bt_ref, (seq, lax.div(kpos, jnp.int32(page_size))), k_ok)
-        page = jnp.clip(page, 0, num_pages - 1)
-        slot = (kv_head * num_pages + page) * page_size + lax.rem(kpos, jnp.int32(page_size))
-        tile_ok = k_ok[:, None] & col_ok
-        kb = lowering.load_tile(kp_ref, (slot[:, None], cols[None, :]), tile_ok).astype(q.dtype)
-        vb = lowering.load_tile(vp_ref, (slot[:, None], cols[None, :]), tile_ok).astype(q.dtype)
+        kb, vb = lowering.load_paged_kv(bt_ref, kp_ref, vp_ref, seq=seq, kv_head=kv_head, kpos=kpos,
+                                        k_ok=k_ok, cols=cols, col_ok=col_ok, num_pages=num_pages,
+                                        page_size=page_size, dtype=q.dtype)
         return lowering.online_softmax_step(carry, q, kb, vb, k_ok[None, :], scale_log2)
 
     carry = (jnp.zeros((group_rows, dp), jnp.float32),

@@ -126,12 +126,9 @@ def ragged_prefill_kernel(sched_ref, q_ref, k_ref, v_ref, *refs, scale: float,
         def ctx_body(j, carry):
             kpos = c_lo + j * block_k + jnp.arange(block_k, dtype=jnp.int32)
             k_ok = kpos < c_hi
-            page = lowering.load_tile(bt_ref, (seq, lax.div(kpos, jnp.int32(page_size))), k_ok)
-            page = jnp.clip(page, 0, num_pages - 1)
-            slot = (kv_head * num_pages + page) * page_size + lax.rem(kpos, jnp.int32(page_size))
-            tile_ok = k_ok[:, None] & col_ok
-            kb = lowering.load_tile(kp_ref, (slot[:, None], cols[None, :]), tile_ok).astype(q.dtype)
-            vb = lowering.load_tile(vp_ref, (slot[:, None], cols[None, :]), tile_ok).astype(q.dtype)
+            kb, vb = lowering.load_paged_kv(bt_ref, kp_ref, vp_ref, seq=seq, kv_head=kv_head, kpos=kpos,
+                                            k_ok=k_ok, cols=cols, col_ok=col_ok, num_pages=num_pages,
+                                            page_size=page_size, dtype=q.dtype)
             mask = k_ok[None, :]
             if sliding_window is not None:
                 mask &= kpos[None, :] > q_pos[:, None] - sliding_window

@@ -128,7 +128,7 @@ class DisaggEngine(EngineCoreBase):
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:
         now = time.perf_counter()
-        self._finish_pulls(now)
+        self._finish_pulls()
         launched = []
         for inst in self.prefill:
             out = inst.scheduler.schedule()
@@ -183,7 +183,7 @@ class DisaggEngine(EngineCoreBase):
             transfer = self._migrator(src, dst).pull(src.blocks.block_table(req.request_id), dst_blocks)
             self.pulls.append(_Pull(req, src, dst, transfer))
 
-    def _finish_pulls(self, now: float) -> None:
+    def _finish_pulls(self) -> None:
         for pull in self.pulls:
             pull.transfer.wait()
             req = pull.request

@@ -5,7 +5,7 @@ the two instances' tp layouts (each checkpoint kv head is replicated `tp / kv_he
 tp exceeds the kv heads, so the replication factor can differ between instances), moves each
 layer with `jax.device_put` to the destination stage that holds that layer (resharding over the
 destination's `tp` axis), and scatters it into the destination pages (donated: in place).
-All of it is dispatched asynchronously; `Transfer.ready()` says when it has landed.
+All of it is dispatched asynchronously; `Transfer.wait()` blocks until it has landed.
 """
 
 from __future__ import annotations
@@ -29,9 +29,6 @@ class Transfer:
 
     arrays: list[Any]
     num_bytes: int
-
-    def ready(self) -> bool:
-        return all(a.is_ready() for a in self.arrays)
 
     def wait(self) -> None:
         jax.block_until_ready(self.arrays)

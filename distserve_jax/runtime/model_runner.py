@@ -316,8 +316,8 @@ class ModelRunner:
                     seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
                     logits_indices=np.zeros(s, np.int32), mode=mode)
                 logits = self.forward(tokens, meta)
-                if (s, logits.shape) not in sampled:
-                    sampled.add((s, logits.shape))
+                if s not in sampled:  # the sampler's shapes depend on the row count only
+                    sampled.add(s)
                     for n_top in (0, MAX_TOP_LOGPROBS):
                         for pen in (False, True):
                             jax.device_get(self._launch_sample(logits, [SeqWork([0], 0, [0], greedy)], n_top=n_top,
