@@ -8,7 +8,10 @@ Backends:
     any platform. Far too slow to serve with; tests and a flag choose it explicitly.
   - ``xla``: decode through the blocked scan of `xla_decode.py` (reads the cache once, no
     context-sized gather), prefill through the reference.
-  - ``auto``: ``pallas`` on GPU, ``xla`` elsewhere.
+  - ``native``: CPU only. Decode attention and the KV write through the C++ kernels of
+    `cpu_native.py` (compiled on first use with the system compiler), prefill through the
+    reference. float32 only: other dtypes take the ``xla`` path.
+  - ``auto``: ``pallas`` on GPU; on CPU ``native`` when its kernels build, else ``xla``.
 
 The backend is chosen per call by the ``backend`` argument, else by the environment variable
 ``DISTSERVE_ATTENTION_BACKEND``, else ``auto``. The functions work on local shards inside
@@ -24,11 +27,12 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 
-from pallas_kernels import paged_decode, ragged_prefill, reference, validation, xla_decode
+from pallas_kernels import cpu_native, paged_decode, ragged_prefill, reference, validation, xla_decode
 from pallas_kernels.lowering import Launch, padded_dim
 
-BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_interpret")
+BACKENDS = ("auto", "reference", "xla", "native", "pallas", "pallas_interpret")
 ENV_VAR = "DISTSERVE_ATTENTION_BACKEND"
 
 # Tile sizes used by the dispatcher (tuned for Ampere/Hopper-class GPUs; the interpreter uses
@@ -42,7 +46,8 @@ def resolve_backend(backend: str | None = None) -> str:
     """Returns the concrete backend name for `backend` (None reads the environment).
 
     Raises:
-      ValueError: for an unknown name, or ``pallas`` when JAX's default backend is not a GPU.
+      ValueError: for an unknown name, ``pallas`` when JAX's default backend is not a GPU, or
+        ``native`` when it is not the CPU or the C++ kernels did not build.
     """
     name = backend if backend is not None else (os.environ.get(ENV_VAR) or "auto")
     name = name.strip().lower()
@@ -50,7 +55,13 @@ def resolve_backend(backend: str | None = None) -> str:
         raise ValueError(f"unknown attention backend {name!r}; expected one of {BACKENDS}")
     on_gpu = jax.default_backend() == "gpu"
     if name == "auto":
-        return "pallas" if on_gpu else "xla"
+        if on_gpu:
+            return "pallas"
+        return "native" if cpu_native.supported_on_default_backend() else "xla"
+    if name == "native" and not cpu_native.supported_on_default_backend():
+        raise ValueError(f"attention backend 'native' needs the CPU platform and its C++ kernels (JAX's "
+                         f"default backend is {jax.default_backend()!r}; kernels available: "
+                         f"{cpu_native.available()}); use 'xla' or 'reference'")
     if name == "pallas" and not on_gpu:
         raise ValueError(f"attention backend 'pallas' needs a GPU but JAX's default backend is "
                          f"{jax.default_backend()!r}; use 'pallas_interpret' or 'reference'")
@@ -73,7 +84,7 @@ def ragged_prefill_attention(q, k, v, query_start_loc, context_lens, *, k_pages=
     validation.check_prefill(q, k, v, query_start_loc, context_lens, k_pages, v_pages,
                              block_tables, scale, sliding_window)
     scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
-    if name in ("reference", "xla"):
+    if name in ("reference", "xla", "native"):
         return reference.ragged_prefill_attention_ref(
             q, k, v, query_start_loc, context_lens, k_pages=k_pages, v_pages=v_pages,
             block_tables=block_tables, scale=scale, sliding_window=sliding_window)
@@ -95,7 +106,10 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale:
     if name == "reference":
         return reference.paged_decode_attention_ref(
             q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
-    if name == "xla":
+    if name == "native" and _all_f32(q, k_pages, v_pages):
+        return cpu_native.paged_decode_attention(
+            q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
+    if name in ("xla", "native"):
         return xla_decode.paged_decode_attention_xla(
             q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
     return paged_decode.paged_decode_attention(
@@ -106,12 +120,19 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale:
 def write_kv_pages(k_pages, v_pages, k, v, slot_mapping, *, backend: str | None = None):
     """Writes new K/V into their page slots; see `reference.write_kv_pages_ref`.
 
-    Every backend uses the in-place `.at[].set` scatter of `reference.write_kv_pages_ref`: with
-    the pages donated to the enclosing jit, XLA updates the cache in place and moves only the
-    new tokens' bytes, which a Pallas scatter kernel could at best match. No kernel exists
-    because none has been measured to beat it on a GPU; add one only with a benchmark that
-    shows it does. The backend is still resolved so an invalid name fails here too.
+    ``native`` (float32) writes with the C++ kernel, whose outputs alias the pages: XLA's CPU
+    scatter of a single token becomes a select + dynamic-update-slice that copies the whole
+    page array. Every other backend uses the in-place `.at[].set` scatter of
+    `reference.write_kv_pages_ref`: with the pages donated to the enclosing jit, XLA updates the
+    cache in place and moves only the new tokens' bytes, which a Pallas scatter kernel could at
+    best match on a GPU; add one only with a benchmark that shows it does.
     """
-    resolve_backend(backend)
+    name = resolve_backend(backend)
     validation.check_write(k_pages, v_pages, k, v, slot_mapping)
+    if name == "native" and _all_f32(k_pages, v_pages, k, v):
+        return cpu_native.write_kv_pages(k_pages, v_pages, k, v, slot_mapping)
     return reference.write_kv_pages_ref(k_pages, v_pages, k, v, slot_mapping)
+
+
+def _all_f32(*xs) -> bool:
+    return all(x.dtype == jnp.float32 for x in xs)

@@ -31,7 +31,9 @@ def main() -> None:
             name = rel(d).replace("/", "_")
             deps = [f":{l}" for l in libs if l.split("_")[0] in ("pallas", "distserve")] if pkg != "pallas_kernels" else []
             libs.append(name)
-            out.append(f'py_library(\n    name = "{name}",\n    srcs = {fmt_list(srcs)},\n'
+            data = sorted(rel(p) for p in d.glob("*.cc"))  # C++ sources compiled at run time
+            data_line = f'    data = {fmt_list(data)},\n' if data else ""
+            out.append(f'py_library(\n    name = "{name}",\n    srcs = {fmt_list(srcs)},\n{data_line}'
                        f'    deps = {fmt_list(deps)},\n    visibility = ["//visibility:public"],\n)\n')
     for p in sorted((ROOT / "benchmarks").glob("*.py")):
         if p.name == "__init__.py":

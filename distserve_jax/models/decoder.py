@@ -6,7 +6,8 @@ token only. With `layer_start=0, layer_end=num_layers` it is the whole model.
 
 Parameter tree (plain pytree, `{"params": ...}` for `apply`): `embed`, `embed_positions` (OPT),
 `project_in`/`project_out` (OPT-350m shape), `layers_{i}` with global layer indices,
-`norm`, `lm_head` (absent when embeddings are tied).
+`norm`, `lm_head` (absent when embeddings are tied). With `fused_projections=True` (Llama
+family only) the layers read fused `qkv_proj` / `gate_up_proj` weights (`models/fusion.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class DecoderStage(nn.Module):
     layer_end: int
     attention_fn: AttentionFn
     dtype: Any = jnp.float32
+    fused_projections: bool = False
 
     @property
     def is_first(self) -> bool:
@@ -63,6 +65,8 @@ class DecoderStage(nn.Module):
         """
         c = self.cfg
         opt = c.family == "opt"
+        if self.fused_projections and opt:
+            raise ValueError("fused projections are implemented for the Llama family only")
         embed_dim = c.word_embed_proj_dim if opt else c.hidden_size
         embed = None
         if self.is_first or (self.is_last and c.tie_word_embeddings):
@@ -79,11 +83,13 @@ class DecoderStage(nn.Module):
         else:
             x = inputs
 
-        layer_cls = OPTLayer if opt else LlamaLayer
         new_pages = []
         for i in range(self.layer_start, self.layer_end):
-            x, p = layer_cls(c, self.attention_fn, self.dtype, name=f"layers_{i}")(
-                x, meta, kv_pages[i - self.layer_start])
+            if opt:
+                layer = OPTLayer(c, self.attention_fn, self.dtype, name=f"layers_{i}")
+            else:
+                layer = LlamaLayer(c, self.attention_fn, self.dtype, self.fused_projections, name=f"layers_{i}")
+            x, p = layer(x, meta, kv_pages[i - self.layer_start])
             new_pages.append(p)
         if not self.is_last:
             return x, tuple(new_pages)

@@ -1,6 +1,11 @@
 """Llama-family decoder layer: Llama 2/3, Mistral (sliding window), Qwen2 (qkv bias).
 
 RMSNorm, RoPE (optionally llama3-scaled), GQA/MQA with any head_dim, SwiGLU MLP.
+
+With `fused=True` the layer reads `qkv_proj` and `gate_up_proj` (the column-wise concatenations
+of `q_proj|k_proj|v_proj` and `gate_proj|up_proj`, see `models/fusion.py`) instead of the
+separate projections: one product per group, which matters where a decode step is a chain of
+small matrix products (the CPU). Checkpoints always hold the separate ones.
 """
 
 from __future__ import annotations
@@ -18,14 +23,20 @@ class LlamaAttention(nn.Module):
     cfg: ModelConfig
     attention_fn: AttentionFn
     dtype: jnp.dtype
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, meta: AttentionMetadata, pages: KVPages) -> tuple[jax.Array, KVPages]:
         c = self.cfg
         t = x.shape[0]
-        q = Linear(c.num_heads * c.head_dim, c.attention_bias, self.dtype, name="q_proj")(x)
-        k = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype, name="k_proj")(x)
-        v = Linear(c.num_kv_heads * c.head_dim, c.attention_bias, self.dtype, name="v_proj")(x)
+        nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        if self.fused:
+            qkv = Linear(nq + 2 * nkv, c.attention_bias, self.dtype, name="qkv_proj")(x)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
+        else:
+            q = Linear(nq, c.attention_bias, self.dtype, name="q_proj")(x)
+            k = Linear(nkv, c.attention_bias, self.dtype, name="k_proj")(x)
+            v = Linear(nkv, c.attention_bias, self.dtype, name="v_proj")(x)
         q = apply_rope(q.reshape(t, c.num_heads, c.head_dim), meta.positions, c)
         k = apply_rope(k.reshape(t, c.num_kv_heads, c.head_dim), meta.positions, c)
         v = v.reshape(t, c.num_kv_heads, c.head_dim)
@@ -40,15 +51,20 @@ class LlamaLayer(nn.Module):
     cfg: ModelConfig
     attention_fn: AttentionFn
     dtype: jnp.dtype
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, meta: AttentionMetadata, pages: KVPages) -> tuple[jax.Array, KVPages]:
         c = self.cfg
         h = RMSNorm(c.norm_eps, self.dtype, name="input_layernorm")(x)
-        h, pages = LlamaAttention(c, self.attention_fn, self.dtype, name="self_attn")(h, meta, pages)
+        h, pages = LlamaAttention(c, self.attention_fn, self.dtype, self.fused, name="self_attn")(h, meta, pages)
         x = x + h
         h = RMSNorm(c.norm_eps, self.dtype, name="post_attention_layernorm")(x)
-        gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(h)
-        up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(h)
+        if self.fused:
+            gate_up = Linear(2 * c.intermediate_size, c.mlp_bias, self.dtype, name="gate_up_proj")(h)
+            gate, up = gate_up[:, :c.intermediate_size], gate_up[:, c.intermediate_size:]
+        else:
+            gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(h)
+            up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(h)
         h = Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
         return x + h, pages

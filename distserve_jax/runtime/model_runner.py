@@ -23,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from distserve_jax.models.attention import AttentionMetadata, paged_attention
 from distserve_jax.models.config import ModelConfig
+from distserve_jax.models import fusion
 from distserve_jax.models.decoder import DecoderStage, stage_bounds
 from distserve_jax.runtime import kv_cache
 from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up
@@ -30,6 +31,7 @@ from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sampl
 from distserve_jax.runtime.sharding import TP, replicated
 from distserve_jax.runtime.weights import WeightSource
 from distserve_jax.sampling_params import SamplingParams
+from pallas_kernels import dispatch
 
 MAX_TOP_LOGPROBS = 20
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
@@ -50,6 +52,8 @@ class RunnerConfig:
       max_num_batched_tokens: most tokens in one prefill step (a longer prompt runs alone).
       dtype: parameter and KV dtype.
       attention_backend: forced attention backend (None: the dispatcher decides).
+      fuse_projections: on an unsharded (tp=1) Llama-family instance, run `q|k|v` and
+        `gate|up` as one product each (`models/fusion.py`).
     """
 
     max_model_len: int
@@ -60,6 +64,7 @@ class RunnerConfig:
     max_num_batched_tokens: int = 2048
     dtype: str = "float32"
     attention_backend: str | None = None
+    fuse_projections: bool = True
 
     def __post_init__(self):
         for name in ("max_model_len", "block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -119,8 +124,10 @@ class _Stage:
     """One pipeline stage: sub-mesh, parameters, KV pages and the jitted forward."""
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh, start: int, end: int, params: Any, pages: Any,
-                 backend: str | None):
+                 backend: str | None, fuse: bool):
         self.mesh = mesh
+        if fuse:
+            params = fusion.fuse_llama_projections(params)
         self.params = params
         self.pages = pages
         self.replicated = replicated(mesh)
@@ -130,7 +137,8 @@ class _Stage:
         page_spec = (P(TP), P(TP))
         sharded_attn = jax.shard_map(attn, mesh=mesh, in_specs=(heads, heads, heads, page_spec, P()),
                                      out_specs=(heads, page_spec), check_vma=False)
-        self.module = DecoderStage(cfg, start, end, sharded_attn, jnp.dtype(params_dtype(params)))
+        self.module = DecoderStage(cfg, start, end, sharded_attn, jnp.dtype(params_dtype(params)),
+                                   fused_projections=fuse)
         self.forward = jax.jit(self._forward, donate_argnums=(1,))
 
     def _forward(self, params, pages, x, meta):
@@ -139,6 +147,10 @@ class _Stage:
     def run(self, x: jax.Array, meta: AttentionMetadata) -> jax.Array:
         out, self.pages = self.forward(self.params, self.pages, x, meta)
         return out
+
+
+def _writes_kv_in_place(config: RunnerConfig) -> bool:
+    return dispatch.resolve_backend(config.attention_backend) == "native" and config.dtype == "float32"
 
 
 def params_dtype(params: Any) -> Any:
@@ -167,13 +179,16 @@ class ModelRunner:
         for m, (s, e), p in zip(stage_meshes, bounds, params):
             pages = kv_cache.allocate(self.cfg, m, num_blocks=self.num_blocks, block_size=config.block_size,
                                       dtype=config.dtype, num_layers=e - s)
-            self.stages.append(_Stage(self.cfg, m, s, e, p, pages, config.attention_backend))
+            fuse = config.fuse_projections and tp == 1 and self.cfg.family != "opt"
+            self.stages.append(_Stage(self.cfg, m, s, e, p, pages, config.attention_backend, fuse))
         self.last_mesh = stage_meshes[-1]
         self._sample = jax.jit(sample, static_argnames=("num_top_logprobs",))
         c = config
-        # Decode batches start at 2 rows: a one-token step makes XLA turn the KV page scatter into a
-        # select + dynamic-update-slice that copies every page array (a padding row writes page 0).
-        self.seq_buckets = geometric_buckets(2, max(2, c.max_num_seqs))
+        # With XLA's scatter writing the KV, decode batches start at 2 rows: a one-token step makes
+        # XLA turn the page scatter into a select + dynamic-update-slice that copies every page
+        # array (a padding row writes page 0). The native CPU kernel writes in place at any size.
+        first = 1 if _writes_kv_in_place(config) else 2
+        self.seq_buckets = geometric_buckets(first, max(first, c.max_num_seqs))
         self.prefill_seq_buckets = geometric_buckets(1, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
         self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)

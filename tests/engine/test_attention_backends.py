@@ -27,3 +27,29 @@ def test_pallas_interpret_matches_reference(make_llm, monkeypatch):
     got = [o.token_ids for o in pallas.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
     assert got == want
     assert calls["prefill"] > 0 and calls["decode"] > 0, f"the Pallas kernels were not traced: {calls}"
+
+
+def test_native_and_xla_backends_match_reference(make_llm, monkeypatch):
+    """The CPU default (C++ kernels, one-row decode batches) and its XLA fallback give the reference's tokens."""
+    from pallas_kernels import cpu_native
+    calls = {"decode": 0, "write": 0}
+    for name, key in (("paged_decode_attention", "decode"), ("write_kv_pages", "write")):
+        real = getattr(cpu_native, name)
+
+        def spy(*a, real=real, key=key, **k):
+            calls[key] += 1
+            return real(*a, **k)
+
+        monkeypatch.setattr(cpu_native, name, spy)
+    rng = np.random.default_rng(12)
+    prompts = [[int(t) for t in rng.integers(3, 256, n)] for n in (7, 19)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    kw = dict(max_model_len=64, num_blocks=16, max_num_seqs=4, max_num_batched_tokens=64)
+    outs = {}
+    for backend in ("reference", "xla", "native"):
+        llm = make_llm("llama3", attention_backend=backend, **kw)
+        # one prompt alone runs one-row decode steps on `native`, two rows on the others
+        outs[backend] = [o.token_ids for p in prompts
+                         for o in llm.generate(prompt_token_ids=[p], sampling_params=params, use_tqdm=False)]
+    assert outs["native"] == outs["reference"] and outs["xla"] == outs["reference"]
+    assert calls["decode"] > 0 and calls["write"] > 0, f"the native kernels were not traced: {calls}"

@@ -310,7 +310,7 @@ def test_xla_paged_decode_matches_references(dtype, kv_heads, group, head_dim, w
 # ----------------------------------------------------------------------------- dispatcher
 def test_resolve_backend(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
-    assert dispatch.resolve_backend() == "xla"  # auto on CPU
+    assert dispatch.resolve_backend() == "native"  # auto on CPU (the C++ kernels build here)
     monkeypatch.setenv(dispatch.ENV_VAR, "pallas_interpret")
     assert dispatch.resolve_backend() == "pallas_interpret"
     assert dispatch.resolve_backend("reference") == "reference"  # argument overrides env
@@ -319,6 +319,11 @@ def test_resolve_backend(monkeypatch):
         dispatch.resolve_backend()
     with pytest.raises(ValueError, match="needs a GPU"):
         dispatch.resolve_backend("pallas")
+    monkeypatch.setattr(dispatch.cpu_native, "supported_on_default_backend", lambda: False)
+    monkeypatch.delenv(dispatch.ENV_VAR)
+    assert dispatch.resolve_backend() == "xla"  # auto on CPU without the C++ kernels
+    with pytest.raises(ValueError, match="'native' needs the CPU platform"):
+        dispatch.resolve_backend("native")
 
 
 def test_dispatch_routes_to_reference_from_env(monkeypatch):

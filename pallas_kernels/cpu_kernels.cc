@@ -1,0 +1,288 @@
+// Host (CPU) kernels for the decode hot path, called from XLA through its FFI.
+//
+// XLA's CPU backend turns paged decode attention into thousands of tiny gather thunks per step,
+// and a one-token KV scatter into a copy of the whole page array. These two kernels are the
+// `native` attention backend of `pallas_kernels/cpu_native.py`, which builds this file with the
+// system compiler and registers the handlers; the jnp references they are tested against are
+// in `pallas_kernels/reference.py`:
+//
+//   DistservePagedDecodeF32  one query token per sequence against its paged K/V (online softmax)
+//   DistserveWriteKVF32      new K/V rows into their page slots, in place (outputs alias inputs)
+//
+// Cache layout (the runtime's): `[num_kv_heads, num_pages, page_size, head_dim]`.
+// Work is split over XLA's intra-op thread pool. The caller takes work items too, so a kernel
+// never waits on a pool thread that has not started: it only waits for items already running.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+// ---------------------------------------------------------------------------- thread pool
+
+struct ForState {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  std::function<void(int64_t)> fn;
+};
+
+void RunItems(ForState* st) {
+  for (int64_t i = st->next.fetch_add(1, std::memory_order_relaxed); i < st->n;
+       i = st->next.fetch_add(1, std::memory_order_relaxed)) {
+    st->fn(i);
+    st->done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Runs fn(0..n-1) over the caller and up to `num_threads - 1` pool threads.
+void ParallelFor(ffi::ThreadPool& pool, int64_t n, const std::function<void(int64_t)>& fn) {
+  int64_t workers = std::min<int64_t>(n, std::max<int64_t>(1, pool.num_threads()));
+  if (workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  auto st = std::make_shared<ForState>();
+  st->n = n;
+  st->fn = fn;
+  for (int64_t t = 1; t < workers; ++t) pool.Schedule([st] { RunItems(st.get()); });
+  RunItems(st.get());
+  while (st->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------- paged decode
+
+constexpr float kMask = -1e30f;
+
+inline float Dot(const float* a, const float* b, int64_t d) {
+  int64_t i = 0;
+  v8 acc = splat8(0.f);
+  for (; i + 8 <= d; i += 8) acc += load8(a + i) * load8(b + i);
+  float s = 0.f;
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void Axpy(float a, const float* x, float* y, int64_t d) {
+  int64_t i = 0;
+  v8 av = splat8(a);
+  for (; i + 8 <= d; i += 8) store8(y + i, load8(y + i) + av * load8(x + i));
+  for (; i < d; ++i) y[i] += a * x[i];
+}
+
+// One (sequence, kv head) item: the group's query heads against keys [first, len) of the
+// sequence's pages. Generic head_dim: scores of up to 16 tokens at a time, then an online-softmax
+// update of the output row in memory.
+struct DecodeItem {
+  const float* q;         // [G, D] this item's query heads
+  const float* k;         // [P, PS, D] this kv head's pages
+  const float* v;
+  const int32_t* table;   // [W] the sequence's page ids (validated)
+  float* out;             // [G, D]
+  int64_t G, D, PS, first, len;
+  float scale;
+};
+
+void AttendGeneric(const DecodeItem& it) {
+  const int64_t D = it.D, PS = it.PS;
+  float sc[16];
+  for (int64_t g = 0; g < it.G; ++g) {
+    const float* qg = it.q + g * D;
+    float* og = it.out + g * D;
+    std::fill(og, og + D, 0.f);
+    float m = kMask, l = 0.f;
+    for (int64_t j = it.first / PS; j * PS < it.len; ++j) {
+      const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
+      const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;
+      const float* vb = it.v + static_cast<int64_t>(it.table[j]) * PS * D;
+      for (int64_t tc = t0; tc < t1; tc += 16) {
+        const int64_t te = std::min(t1, tc + 16);
+        float mx = m;
+        for (int64_t t = tc; t < te; ++t) {
+          sc[t - tc] = Dot(qg, kb + (t - j * PS) * D, D) * it.scale;
+          mx = std::max(mx, sc[t - tc]);
+        }
+        const float corr = std::exp(m - mx);
+        for (int64_t i = 0; i < D; ++i) og[i] *= corr;
+        l *= corr;
+        for (int64_t t = tc; t < te; ++t) {
+          const float p = std::exp(sc[t - tc] - mx);
+          l += p;
+          Axpy(p, vb + (t - j * PS) * D, og, D);
+        }
+        m = mx;
+      }
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    for (int64_t i = 0; i < D; ++i) og[i] *= inv;
+  }
+}
+
+// head_dim = 8 * DV: the query row and the output accumulator live in registers.
+template <int DV>
+void AttendVec(const DecodeItem& it) {
+  constexpr int64_t D = 8 * DV;
+  const int64_t PS = it.PS;
+  float sc[16];
+  for (int64_t g = 0; g < it.G; ++g) {
+    v8 qv[DV], acc[DV];
+    const v8 sv = splat8(it.scale);
+    for (int i = 0; i < DV; ++i) qv[i] = load8(it.q + g * D + 8 * i) * sv, acc[i] = splat8(0.f);
+    float m = kMask, l = 0.f;
+    for (int64_t j = it.first / PS; j * PS < it.len; ++j) {
+      const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
+      const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;
+      const float* vb = it.v + static_cast<int64_t>(it.table[j]) * PS * D;
+      for (int64_t tc = t0; tc < t1; tc += 16) {
+        const int64_t te = std::min(t1, tc + 16);
+        float mx = m;
+        for (int64_t t = tc; t < te; ++t) {
+          const float* kr = kb + (t - j * PS) * D;
+          v8 d = qv[0] * load8(kr);
+          for (int i = 1; i < DV; ++i) d += qv[i] * load8(kr + 8 * i);
+          const float x = ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
+          sc[t - tc] = x;
+          mx = std::max(mx, x);
+        }
+        const float corr = std::exp(m - mx);
+        const v8 cv = splat8(corr);
+        for (int i = 0; i < DV; ++i) acc[i] *= cv;
+        l *= corr;
+        for (int64_t t = tc; t < te; ++t) {
+          const float p = std::exp(sc[t - tc] - mx);
+          l += p;
+          const v8 pv = splat8(p);
+          const float* vr = vb + (t - j * PS) * D;
+          for (int i = 0; i < DV; ++i) acc[i] += pv * load8(vr + 8 * i);
+        }
+        m = mx;
+      }
+    }
+    const v8 inv = splat8(l > 0.f ? 1.f / l : 0.f);
+    for (int i = 0; i < DV; ++i) store8(it.out + g * D + 8 * i, acc[i] * inv);
+  }
+}
+
+ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_pages,
+                           ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::S32> block_tables,
+                           ffi::Buffer<ffi::S32> lengths, float scale, int32_t window,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q.dimensions(), kd = k_pages.dimensions(), bd = block_tables.dimensions();
+  if (qd.size() != 3 || kd.size() != 4 || bd.size() != 2 || bd[0] != qd[0] || kd[3] != qd[2] ||
+      qd[1] % kd[0] != 0 || lengths.element_count() != static_cast<size_t>(qd[0]))
+    return ffi::Error::InvalidArgument("paged_decode: inconsistent shapes");
+  const int64_t S = qd[0], Hq = qd[1], D = qd[2];
+  const int64_t Hkv = kd[0], P = kd[1], PS = kd[2], W = bd[1];
+  const int64_t G = Hq / Hkv;
+  const int32_t* bt = block_tables.typed_data();
+  const int32_t* lens = lengths.typed_data();
+  // Every page a sequence will read must exist: checked here, so the kernels never read outside.
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t len = std::min<int64_t>(lens[s], W * PS);
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    for (int64_t j = first / PS; j * PS < len; ++j)
+      if (bt[s * W + j] < 0 || bt[s * W + j] >= P)
+        return ffi::Error::InvalidArgument("paged_decode: block table holds a page id out of range");
+  }
+  void (*attend)(const DecodeItem&) = AttendGeneric;
+  switch (D) {
+    case 64: attend = AttendVec<8>; break;
+    case 80: attend = AttendVec<10>; break;
+    case 96: attend = AttendVec<12>; break;
+    case 128: attend = AttendVec<16>; break;
+    default: break;
+  }
+  const float* qp = q.typed_data();
+  const float* kp = k_pages.typed_data();
+  const float* vp = v_pages.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, S * Hkv, [&](int64_t item) {
+    const int64_t s = item / Hkv, h = item % Hkv;
+    float* o = op + (s * Hq + h * G) * D;
+    const int64_t len = std::min<int64_t>(lens[s], W * PS);
+    if (len <= 0) {
+      std::fill(o, o + G * D, 0.f);
+      return;
+    }
+    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    attend(DecodeItem{qp + (s * Hq + h * G) * D, kp + h * P * PS * D, vp + h * P * PS * D, bt + s * W, o,
+                      G, D, PS, first, len, scale});
+  });
+  return ffi::Error::Success();
+}
+
+// ---------------------------------------------------------------------------- KV write
+
+ffi::Error WriteKVImpl(ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pages, ffi::Buffer<ffi::F32> k,
+                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> slots, ffi::ResultBuffer<ffi::F32> k_out,
+                       ffi::ResultBuffer<ffi::F32> v_out) {
+  auto kd = k_pages.dimensions(), nd = k.dimensions();
+  if (kd.size() != 4 || nd.size() != 3 || nd[1] != kd[0] || nd[2] != kd[3] ||
+      slots.element_count() != static_cast<size_t>(nd[0]))
+    return ffi::Error::InvalidArgument("write_kv: inconsistent shapes");
+  const int64_t Hkv = kd[0], P = kd[1], PS = kd[2], D = kd[3], T = nd[0];
+  float* ko = k_out->typed_data();
+  float* vo = v_out->typed_data();
+  // The outputs alias the inputs (input_output_aliases); copy only when XLA gave us fresh buffers.
+  if (ko != k_pages.typed_data()) std::memcpy(ko, k_pages.typed_data(), k_pages.size_bytes());
+  if (vo != v_pages.typed_data()) std::memcpy(vo, v_pages.typed_data(), v_pages.size_bytes());
+  const int32_t* sl = slots.typed_data();
+  const float* kn = k.typed_data();
+  const float* vn = v.typed_data();
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t slot = sl[t];
+    if (slot < 0 || slot >= P * PS) return ffi::Error::InvalidArgument("write_kv: slot out of range");
+    for (int64_t h = 0; h < Hkv; ++h) {
+      std::memcpy(ko + (h * P * PS + slot) * D, kn + (t * Hkv + h) * D, D * sizeof(float));
+      std::memcpy(vo + (h * P * PS + slot) * D, vn + (t * Hkv + h) * D, D * sizeof(float));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistservePagedDecodeF32, PagedDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int32_t>("window")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistserveWriteKVF32, WriteKVImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,126 @@
+"""Tests for `pallas_kernels/cpu_native.py`: the C++ decode attention and KV write against the jnp
+reference and float64 numpy, in-place writes, shard_map over tp, bad inputs, and the build."""
+
+import functools
+import os
+
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from pallas_kernels import cpu_native, dispatch, reference
+from tests.pallas_kernels.test_pallas_attention import (DECODE_SPECS, HEADS, REF_DECODE, _sharded, decode_case,
+                                                        np_decode, np_inputs, rel_err)
+
+NATIVE_DECODE = jax.jit(cpu_native.paged_decode_attention, static_argnames=("scale", "sliding_window"))
+
+
+def test_kernels_build_and_auto_picks_native_on_cpu(monkeypatch):
+    assert cpu_native.available(), "the C++ kernels must build on the CI machine (gcc is there)"
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    assert dispatch.resolve_backend() == "native"
+    assert dispatch.resolve_backend("native") == "native"
+
+
+@pytest.mark.parametrize("kv_heads,group,head_dim,window", [
+    (2, 1, 64, None), (2, 4, 80, 10), (1, 8, 128, None), (3, 2, 64, 1), (2, 1, 20, 33)])
+def test_native_decode_matches_references(kv_heads, group, head_dim, window):
+    scale = head_dim ** -0.5
+    for seed in range(3):
+        args = decode_case(3000 + 100 * head_dim + 10 * group + seed, dtype=jnp.float32, kv_heads=kv_heads,
+                           group=group, head_dim=head_dim, nan_garbage=seed == 2)
+        out = NATIVE_DECODE(**args, scale=scale, sliding_window=window)
+        assert out.shape == args["q"].shape and out.dtype == jnp.float32
+        a = np_inputs(args)
+        exact = np_decode(a["q"], a["k_pages"], a["v_pages"], a["block_tables"], a["lengths"], scale, window)
+        assert rel_err(out, exact) <= 2e-6
+        if seed < 2:  # the reference reads the NaN slots of the third case through its masked gather
+            assert rel_err(out, REF_DECODE(**args, scale=scale, sliding_window=window)) <= 2e-6
+        empty = np.asarray(args["lengths"]) == 0
+        assert empty.any() and not np.asarray(out)[empty].any(), "empty slot != 0"
+
+
+def test_native_decode_large_logits_do_not_overflow():
+    args = decode_case(41, dtype=jnp.float32, kv_heads=1, group=2, head_dim=64)
+    args["q"] = args["q"] * 300.0  # scores in the thousands: a naive exp overflows
+    out = NATIVE_DECODE(**args, scale=1.0, sliding_window=None)
+    a = np_inputs(args)
+    exact = np_decode(a["q"], a["k_pages"], a["v_pages"], a["block_tables"], a["lengths"], 1.0, None)
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, exact) <= 1e-5
+
+
+def test_native_decode_rejects_page_ids_outside_the_cache():
+    args = decode_case(42, dtype=jnp.float32, kv_heads=2, group=1, head_dim=64)
+    bad = np.array(args["block_tables"])
+    bad[np.argmax(np.asarray(args["lengths"]))][0] = 10_000
+    with pytest.raises(Exception, match="page id out of range"):
+        jax.block_until_ready(NATIVE_DECODE(**{**args, "block_tables": jnp.asarray(bad)}, scale=0.1))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5])
+def test_native_write_matches_reference_and_updates_donated_pages_in_place(num_tokens):
+    rng = np.random.default_rng(num_tokens)
+    kp = jnp.asarray(rng.standard_normal((2, 6, 4, 16)), jnp.float32)
+    vp = jnp.asarray(rng.standard_normal((2, 6, 4, 16)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((num_tokens, 2, 16)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((num_tokens, 2, 16)), jnp.float32)
+    slots = jnp.asarray(rng.choice(24, num_tokens, replace=False).astype(np.int32))
+    want_k, want_v = reference.write_kv_pages_ref(kp, vp, k, v, slots)
+    ptrs = (kp.unsafe_buffer_pointer(), vp.unsafe_buffer_pointer())
+    write = jax.jit(cpu_native.write_kv_pages, donate_argnums=(0, 1))
+    new_k, new_v = write(kp, vp, k, v, slots)
+    np.testing.assert_array_equal(new_k, want_k)
+    np.testing.assert_array_equal(new_v, want_v)
+    assert (new_k.unsafe_buffer_pointer(), new_v.unsafe_buffer_pointer()) == ptrs, "the cache was copied"
+    assert kp.is_deleted() and vp.is_deleted()
+
+
+def test_native_write_rejects_slots_outside_the_cache():
+    kp = vp = jnp.zeros((1, 2, 4, 8), jnp.float32)
+    k = v = jnp.ones((1, 1, 8), jnp.float32)
+    with pytest.raises(Exception, match="slot out of range"):
+        jax.block_until_ready(jax.jit(cpu_native.write_kv_pages)(kp, vp, k, v, jnp.array([8], jnp.int32)))
+
+
+def test_native_kernels_take_float32_only():
+    args = decode_case(43, dtype=jnp.bfloat16, kv_heads=2, group=1, head_dim=64)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_native.paged_decode_attention(**args, scale=0.1)
+
+
+def test_native_backend_falls_back_to_xla_for_bfloat16():
+    args = decode_case(44, dtype=jnp.bfloat16, kv_heads=2, group=4, head_dim=80)
+    out = dispatch.paged_decode_attention(**args, scale=80 ** -0.5, sliding_window=10, backend="native")
+    assert out.dtype == jnp.bfloat16
+    assert rel_err(out, REF_DECODE(**args, scale=80 ** -0.5, sliding_window=10)) <= 2e-2
+
+
+def test_native_decode_and_write_under_shard_map_over_tp():
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    args = decode_case(45, dtype=jnp.float32, kv_heads=2, group=4, head_dim=80)
+    scale = 80 ** -0.5
+
+    def local(kw):
+        return dispatch.paged_decode_attention(**kw, scale=scale, sliding_window=10, backend="native")
+
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(DECODE_SPECS,), out_specs=HEADS))
+    out = fn(_sharded(mesh, args, DECODE_SPECS))
+    assert rel_err(out, REF_DECODE(**args, scale=scale, sliding_window=10)) <= 2e-6
+
+
+def test_build_is_cached_and_reports_compiler_failures(tmp_path, monkeypatch):
+    first = cpu_native.build()
+    mtime = first.stat().st_mtime_ns
+    assert cpu_native.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
+    monkeypatch.setenv(cpu_native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+    with pytest.raises(cpu_native.NativeBuildError, match="compiling cpu_kernels.cc failed"):
+        cpu_native.build()
+    assert not list(tmp_path.rglob("*.so")), "a failed build left a library behind"
