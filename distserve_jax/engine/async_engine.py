@@ -115,12 +115,15 @@ class AsyncEngine:
         with self._lock:
             entry = self._streams.pop(request_id, None)
         found = False
-        if self._dead is None and not self._stop and self._thread.is_alive():
-            found = await asyncio.wrap_future(self._submit(lambda: self.core.abort_request(request_id))) is not None
-        if entry is not None:
-            loop, q = entry
-            loop.call_soon_threadsafe(q.put_nowait, RequestOutput(
-                request_id, [], [], [], "", "", True, "abort"))
+        try:
+            if self._dead is None and not self._stop and self._thread.is_alive():
+                found = await asyncio.wrap_future(
+                    self._submit(lambda: self.core.abort_request(request_id))) is not None
+        finally:  # the stream ends even when this call is cancelled (the abort itself still runs)
+            if entry is not None:
+                loop, q = entry
+                loop.call_soon_threadsafe(q.put_nowait, RequestOutput(
+                    request_id, [], [], [], "", "", True, "abort"))
         return found or entry is not None
 
     async def info(self) -> dict[str, Any]:
@@ -169,6 +172,15 @@ class AsyncEngine:
                 fn, fut = self._commands.get_nowait()
             except queue.Empty:
                 return
+            # A caller cancelled while waiting (its task was cancelled: a client went away) still
+            # gets its command run (an abort must happen either way), but no result is delivered.
+            # Marking the future running first means it can no longer be cancelled under us.
+            if not fut.set_running_or_notify_cancel():
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - nobody is waiting for it
+                    logging.exception("command of a cancelled caller failed")
+                continue
             try:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - delivered to the caller
@@ -207,4 +219,5 @@ class AsyncEngine:
                     _, fut = self._commands.get_nowait()
                 except queue.Empty:
                     break
-                fut.set_exception(EngineDeadError(f"engine stopped: {e!r}"))
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(EngineDeadError(f"engine stopped: {e!r}"))

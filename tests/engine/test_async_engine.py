@@ -97,6 +97,32 @@ def test_abort_ends_the_stream(engine):
     asyncio.run(main())
 
 
+def test_abort_whose_caller_is_cancelled_still_aborts_and_the_engine_survives(engine):
+    """A client that goes away while its abort waits for the engine thread (the HTTP/gRPC disconnect
+    path) must neither kill the engine thread nor leave the request or its stream behind."""
+    import threading
+
+    async def main():
+        started = asyncio.Event()
+        task = asyncio.create_task(_collect(engine, [7, 8, 9], LONG, rid="orphan", started=started))
+        await started.wait()
+        gate = threading.Event()
+        engine._submit(lambda: gate.wait(10))  # holds the engine thread so the abort stays queued
+        abort = asyncio.create_task(engine.abort("orphan"))
+        await asyncio.sleep(0.05)
+        abort.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abort
+        gate.set()
+        toks, last = await asyncio.wait_for(task, 30)
+        assert last.finished and last.finish_reason == "abort" and len(toks) < 80
+        await _assert_idle(engine)
+        toks, last = await _collect(engine, [5, 6], GREEDY)  # still serving
+        assert last.finish_reason == "length" and len(toks) == 10
+
+    asyncio.run(main())
+
+
 def test_bad_input_and_queue_limit(engine):
     async def main():
         with pytest.raises(ValueError, match="prompt is empty"):
