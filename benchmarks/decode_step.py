@@ -75,6 +75,8 @@ flags.DEFINE_integer("prefill_chunk", 4, "Sequences per transformers prefill cal
 flags.DEFINE_integer("bandwidth_mib", 1024, "MiB read per host-bandwidth measurement.")
 flags.DEFINE_integer("threads", 0, "torch intra-op threads (0: the cores in this process's affinity).")
 flags.DEFINE_integer("seed", 0, "Seed for the weights and the prompts.")
+flags.DEFINE_integer("settle_ms", 0, "Pause before each timed step, so the worker threads of the side that "
+                     "ran last (torch's OpenMP pool, XLA's Eigen pool) stop spinning first.")
 
 FLOOR_TARGET = 1.3
 SPEEDUP_TARGET = 1.5
@@ -266,6 +268,7 @@ def bench_batch(runner: ModelRunner, hf, ks, vs, batch: int, first: np.ndarray, 
     bandwidth = []
     for _ in range(FLAGS.steps):
         for name, loop in (("ours", ours), ("hf", theirs)):
+            time.sleep(FLAGS.settle_ms / 1e3)  # let the other side's spinning worker threads go idle
             c0, t0 = cpu_seconds(), time.perf_counter()
             loop.step()
             times[name].append(time.perf_counter() - t0)
