@@ -7,7 +7,8 @@ token only. With `layer_start=0, layer_end=num_layers` it is the whole model.
 Parameter tree (plain pytree, `{"params": ...}` for `apply`): `embed`, `embed_positions` (OPT),
 `project_in`/`project_out` (OPT-350m shape), `layers_{i}` with global layer indices,
 `norm`, `lm_head` (absent when embeddings are tied). With `fused_projections=True` (Llama
-family only) the layers read fused `qkv_proj` / `gate_up_proj` weights (`models/fusion.py`).
+family only) the stage reads the fused layout of `models/fusion.py`: `qkv_proj` / `gate_up_proj`
+and every layer kernel and `lm_head` stored `[out, in]`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 from distserve_jax.models.attention import AttentionFn, AttentionMetadata, KVPages, paged_attention
 from distserve_jax.models.config import ModelConfig
-from distserve_jax.models.layers import LayerNorm, Linear, RMSNorm
+from distserve_jax.models.layers import LayerNorm, Linear, RMSNorm, matmul
 from distserve_jax.models.llama import LlamaLayer
 from distserve_jax.models.opt import OPTLayer
 
@@ -102,11 +103,12 @@ class DecoderStage(nn.Module):
                 h = Linear(embed_dim, False, self.dtype, name="project_out")(h)
         else:
             h = RMSNorm(c.norm_eps, self.dtype, name="norm")(h)
-        if c.tie_word_embeddings:
-            w = embed.embedding.T
+        if c.tie_word_embeddings:  # the embedding is already [vocab, embed_dim]
+            logits = matmul(h.astype(self.dtype), embed.embedding, transposed=True)
         else:
-            w = self.param("lm_head", nn.initializers.normal(0.02), (embed_dim, c.vocab_size), self.dtype)
-        logits = jnp.dot(h.astype(self.dtype), w, preferred_element_type=jnp.float32)
+            shape = (c.vocab_size, embed_dim) if self.fused_projections else (embed_dim, c.vocab_size)
+            w = self.param("lm_head", nn.initializers.normal(0.02), shape, self.dtype)
+            logits = matmul(h.astype(self.dtype), w, transposed=self.fused_projections)
         return logits, tuple(new_pages)
 
 

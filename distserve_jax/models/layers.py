@@ -11,16 +11,23 @@ from distserve_jax.models.config import ModelConfig, rope_inv_freq
 
 
 class Linear(nn.Module):
-    """`y = x @ kernel (+ bias)`, kernel `[in_features, features]`."""
+    """`y = x @ kernel (+ bias)`, kernel `[in_features, features]`.
+
+    With `transposed=True` the kernel is stored `[features, in_features]` (PyTorch's layout) and
+    contracted on its last axis; XLA's CPU dot reads that layout faster at every row count
+    measured (see `models/fusion.py`).
+    """
 
     features: int
     use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
+    transposed: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        shape = (self.features, x.shape[-1]) if self.transposed else (x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.normal(0.02), shape, self.dtype)
+        y = matmul(x.astype(self.dtype), kernel, self.transposed)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype).astype(jnp.float32)
         return y.astype(self.dtype)
@@ -55,6 +62,13 @@ class LayerNorm(nn.Module):
         var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array, transposed: bool) -> jax.Array:
+    """`x [..., K] @ w` in float32, `w` `[K, N]`, or `[N, K]` when `transposed`; returns `[..., N]`."""
+    if not transposed:
+        return jnp.dot(x, w, preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, cfg: ModelConfig) -> jax.Array:

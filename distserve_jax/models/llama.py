@@ -2,10 +2,11 @@
 
 RMSNorm, RoPE (optionally llama3-scaled), GQA/MQA with any head_dim, SwiGLU MLP.
 
-With `fused=True` the layer reads `qkv_proj` and `gate_up_proj` (the column-wise concatenations
-of `q_proj|k_proj|v_proj` and `gate_proj|up_proj`, see `models/fusion.py`) instead of the
-separate projections: one product per group, which matters where a decode step is a chain of
-small matrix products (the CPU). Checkpoints always hold the separate ones.
+With `fused=True` the layer reads `qkv_proj` and `gate_up_proj` (the concatenations of
+`q_proj|k_proj|v_proj` and `gate_proj|up_proj`) instead of the separate projections, and every
+kernel of the layer is stored `[out, in]` (see `models/fusion.py`): one product per group, in the
+layout XLA's CPU dot reads fastest, which matters where a decode step is a chain of small matrix
+products (the CPU). Checkpoints always hold the separate ones.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         nq, nkv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         if self.fused:
-            qkv = Linear(nq + 2 * nkv, c.attention_bias, self.dtype, name="qkv_proj")(x)
+            qkv = Linear(nq + 2 * nkv, c.attention_bias, self.dtype, transposed=True, name="qkv_proj")(x)
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         else:
             q = Linear(nq, c.attention_bias, self.dtype, name="q_proj")(x)
@@ -41,7 +42,8 @@ class LlamaAttention(nn.Module):
         k = apply_rope(k.reshape(t, c.num_kv_heads, c.head_dim), meta.positions, c)
         v = v.reshape(t, c.num_kv_heads, c.head_dim)
         out, pages = self.attention_fn(q, k, v, pages, meta)
-        out = Linear(c.hidden_size, c.o_proj_bias, self.dtype, name="o_proj")(out.reshape(t, -1))
+        out = Linear(c.hidden_size, c.o_proj_bias, self.dtype, transposed=self.fused,
+                     name="o_proj")(out.reshape(t, -1))
         return out, pages
 
 
@@ -61,10 +63,10 @@ class LlamaLayer(nn.Module):
         x = x + h
         h = RMSNorm(c.norm_eps, self.dtype, name="post_attention_layernorm")(x)
         if self.fused:
-            gate_up = Linear(2 * c.intermediate_size, c.mlp_bias, self.dtype, name="gate_up_proj")(h)
+            gate_up = Linear(2 * c.intermediate_size, c.mlp_bias, self.dtype, transposed=True, name="gate_up_proj")(h)
             gate, up = gate_up[:, :c.intermediate_size], gate_up[:, c.intermediate_size:]
         else:
             gate = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="gate_proj")(h)
             up = Linear(c.intermediate_size, c.mlp_bias, self.dtype, name="up_proj")(h)
-        h = Linear(c.hidden_size, c.mlp_bias, self.dtype, name="down_proj")(nn.silu(gate) * up)
+        h = Linear(c.hidden_size, c.mlp_bias, self.dtype, transposed=self.fused, name="down_proj")(nn.silu(gate) * up)
         return x + h, pages

@@ -14,7 +14,7 @@ from tests.models.model_logits import runtime_logits
 ONE_DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-@pytest.mark.parametrize("variant", ["llama3", "qwen2"])
+@pytest.mark.parametrize("variant", ["llama3", "qwen2", "llama_tied"])
 def test_fused_projections_give_the_same_logits(variant, hf_checkpoint):
     ckpt = hf_checkpoint(variant)
     ids = list(np.random.default_rng(0).integers(3, 200, 21))
@@ -34,8 +34,13 @@ def test_fused_tree_layout_and_errors(hf_checkpoint):
     layer, attn = fused["layers_0"], fused["layers_0"]["self_attn"]
     assert set(attn) >= {"qkv_proj", "o_proj"} and not set(attn) & {"q_proj", "k_proj", "v_proj"}
     src = params["layers_0"]["self_attn"]
-    np.testing.assert_array_equal(attn["qkv_proj"]["kernel"][:, -src["v_proj"]["kernel"].shape[1]:],
-                                  src["v_proj"]["kernel"])
+    # kernels are [out, in]: qkv rows are q rows, then k rows, then v rows
+    np.testing.assert_array_equal(attn["qkv_proj"]["kernel"][-src["v_proj"]["kernel"].shape[1]:],
+                                  src["v_proj"]["kernel"].T)
+    np.testing.assert_array_equal(attn["o_proj"]["kernel"], src["o_proj"]["kernel"].T)
+    np.testing.assert_array_equal(layer["down_proj"]["kernel"], params["layers_0"]["down_proj"]["kernel"].T)
+    if "lm_head" in params:
+        np.testing.assert_array_equal(fused["lm_head"], params["lm_head"].T)
     np.testing.assert_array_equal(attn["qkv_proj"]["bias"],
                                   np.concatenate([src[p]["bias"] for p in ("q_proj", "k_proj", "v_proj")]))
     assert "gate_up_proj" in layer and "gate_proj" not in layer and "up_proj" not in layer
