@@ -53,7 +53,7 @@ class RunnerConfig:
       dtype: parameter and KV dtype.
       attention_backend: forced attention backend (None: the dispatcher decides).
       fuse_projections: on an unsharded (tp=1) Llama-family instance, run `q|k|v` and
-        `gate|up` as one product each (`models/fusion.py`).
+        `gate|up` as one product each, with every kernel stored `[out, in]` (`models/fusion.py`).
     """
 
     max_model_len: int

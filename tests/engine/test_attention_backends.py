@@ -5,11 +5,10 @@ import numpy as np
 from distserve_jax import SamplingParams
 
 
-def test_pallas_interpret_matches_reference(make_llm, monkeypatch):
-    from pallas_kernels import paged_decode, ragged_prefill
-    calls = {"prefill": 0, "decode": 0}
-    for mod, name, key in ((ragged_prefill, "ragged_prefill_attention", "prefill"),
-                           (paged_decode, "paged_decode_attention", "decode")):
+def _count_calls(monkeypatch, targets) -> dict[str, int]:
+    """Wraps each `(module, function name, key)` so the returned dict counts its calls (traces)."""
+    calls = {key: 0 for _, _, key in targets}
+    for mod, name, key in targets:
         real = getattr(mod, name)
 
         def spy(*a, real=real, key=key, **k):
@@ -17,6 +16,13 @@ def test_pallas_interpret_matches_reference(make_llm, monkeypatch):
             return real(*a, **k)
 
         monkeypatch.setattr(mod, name, spy)
+    return calls
+
+
+def test_pallas_interpret_matches_reference(make_llm, monkeypatch):
+    from pallas_kernels import paged_decode, ragged_prefill
+    calls = _count_calls(monkeypatch, ((ragged_prefill, "ragged_prefill_attention", "prefill"),
+                                       (paged_decode, "paged_decode_attention", "decode")))
     rng = np.random.default_rng(11)
     prompts = [[int(t) for t in rng.integers(3, 256, n)] for n in (5, 16, 23)]
     params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -32,15 +38,8 @@ def test_pallas_interpret_matches_reference(make_llm, monkeypatch):
 def test_native_and_xla_backends_match_reference(make_llm, monkeypatch):
     """The CPU default (C++ kernels, one-row decode batches) and its XLA fallback give the reference's tokens."""
     from pallas_kernels import cpu_native
-    calls = {"decode": 0, "write": 0}
-    for name, key in (("paged_decode_attention", "decode"), ("write_kv_pages", "write")):
-        real = getattr(cpu_native, name)
-
-        def spy(*a, real=real, key=key, **k):
-            calls[key] += 1
-            return real(*a, **k)
-
-        monkeypatch.setattr(cpu_native, name, spy)
+    calls = _count_calls(monkeypatch, ((cpu_native, "paged_decode_attention", "decode"),
+                                       (cpu_native, "write_kv_pages", "write")))
     rng = np.random.default_rng(12)
     prompts = [[int(t) for t in rng.integers(3, 256, n)] for n in (7, 19)]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
