@@ -94,8 +94,7 @@ inline void Axpy(float a, const float* x, float* y, int64_t d) {
 }
 
 // One (sequence, kv head) item: the group's query heads against keys [first, len) of the
-// sequence's pages. Generic head_dim: scores of up to 16 tokens at a time, then an online-softmax
-// update of the output row in memory.
+// sequence's pages, scores of up to 16 tokens at a time folded into an online softmax.
 struct DecodeItem {
   const float* q;         // [G, D] this item's query heads
   const float* k;         // [P, PS, D] this kv head's pages
@@ -106,83 +105,79 @@ struct DecodeItem {
   float scale;
 };
 
-void AttendGeneric(const DecodeItem& it) {
+// One query head's state for any head_dim: the scaled query read in place, the output row in memory.
+struct GenericRow {
+  const float* q;
+  float* o;
+  int64_t d;
+  float scale;
+  GenericRow(const float* q_, float* o_, int64_t d_, float scale_) : q(q_), o(o_), d(d_), scale(scale_) {
+    std::fill(o, o + d, 0.f);
+  }
+  float Score(const float* k) const { return Dot(q, k, d) * scale; }
+  void Rescale(float c) { for (int64_t i = 0; i < d; ++i) o[i] *= c; }
+  void Add(float p, const float* v) { Axpy(p, v, o, d); }
+  void Finish(float inv) { Rescale(inv); }
+};
+
+// head_dim = 8 * DV: the scaled query and the output accumulator live in registers.
+template <int DV>
+struct VecRow {
+  v8 q[DV], acc[DV];
+  float* o;
+  VecRow(const float* q_, float* o_, int64_t, float scale) : o(o_) {
+    const v8 sv = splat8(scale);
+    for (int i = 0; i < DV; ++i) q[i] = load8(q_ + 8 * i) * sv, acc[i] = splat8(0.f);
+  }
+  float Score(const float* k) const {
+    v8 d = q[0] * load8(k);
+    for (int i = 1; i < DV; ++i) d += q[i] * load8(k + 8 * i);
+    return ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
+  }
+  void Rescale(float c) {
+    const v8 cv = splat8(c);
+    for (int i = 0; i < DV; ++i) acc[i] *= cv;
+  }
+  void Add(float p, const float* v) {
+    const v8 pv = splat8(p);
+    for (int i = 0; i < DV; ++i) acc[i] += pv * load8(v + 8 * i);
+  }
+  void Finish(float inv) {
+    const v8 iv = splat8(inv);
+    for (int i = 0; i < DV; ++i) store8(o + 8 * i, acc[i] * iv);
+  }
+};
+
+template <typename Row>
+void Attend(const DecodeItem& it) {
   const int64_t D = it.D, PS = it.PS;
   float sc[16];
   for (int64_t g = 0; g < it.G; ++g) {
-    const float* qg = it.q + g * D;
-    float* og = it.out + g * D;
-    std::fill(og, og + D, 0.f);
+    Row row(it.q + g * D, it.out + g * D, D, it.scale);
     float m = kMask, l = 0.f;
     for (int64_t j = it.first / PS; j * PS < it.len; ++j) {
       const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
-      const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;
+      const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;  // token t at kb + (t - j * PS) * D
       const float* vb = it.v + static_cast<int64_t>(it.table[j]) * PS * D;
       for (int64_t tc = t0; tc < t1; tc += 16) {
         const int64_t te = std::min(t1, tc + 16);
         float mx = m;
         for (int64_t t = tc; t < te; ++t) {
-          sc[t - tc] = Dot(qg, kb + (t - j * PS) * D, D) * it.scale;
+          sc[t - tc] = row.Score(kb + (t - j * PS) * D);
           mx = std::max(mx, sc[t - tc]);
         }
         const float corr = std::exp(m - mx);
-        for (int64_t i = 0; i < D; ++i) og[i] *= corr;
+        row.Rescale(corr);
         l *= corr;
         for (int64_t t = tc; t < te; ++t) {
           const float p = std::exp(sc[t - tc] - mx);
           l += p;
-          Axpy(p, vb + (t - j * PS) * D, og, D);
+          row.Add(p, vb + (t - j * PS) * D);
         }
         m = mx;
       }
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-    for (int64_t i = 0; i < D; ++i) og[i] *= inv;
-  }
-}
-
-// head_dim = 8 * DV: the query row and the output accumulator live in registers.
-template <int DV>
-void AttendVec(const DecodeItem& it) {
-  constexpr int64_t D = 8 * DV;
-  const int64_t PS = it.PS;
-  float sc[16];
-  for (int64_t g = 0; g < it.G; ++g) {
-    v8 qv[DV], acc[DV];
-    const v8 sv = splat8(it.scale);
-    for (int i = 0; i < DV; ++i) qv[i] = load8(it.q + g * D + 8 * i) * sv, acc[i] = splat8(0.f);
-    float m = kMask, l = 0.f;
-    for (int64_t j = it.first / PS; j * PS < it.len; ++j) {
-      const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
-      const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;
-      const float* vb = it.v + static_cast<int64_t>(it.table[j]) * PS * D;
-      for (int64_t tc = t0; tc < t1; tc += 16) {
-        const int64_t te = std::min(t1, tc + 16);
-        float mx = m;
-        for (int64_t t = tc; t < te; ++t) {
-          const float* kr = kb + (t - j * PS) * D;
-          v8 d = qv[0] * load8(kr);
-          for (int i = 1; i < DV; ++i) d += qv[i] * load8(kr + 8 * i);
-          const float x = ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
-          sc[t - tc] = x;
-          mx = std::max(mx, x);
-        }
-        const float corr = std::exp(m - mx);
-        const v8 cv = splat8(corr);
-        for (int i = 0; i < DV; ++i) acc[i] *= cv;
-        l *= corr;
-        for (int64_t t = tc; t < te; ++t) {
-          const float p = std::exp(sc[t - tc] - mx);
-          l += p;
-          const v8 pv = splat8(p);
-          const float* vr = vb + (t - j * PS) * D;
-          for (int i = 0; i < DV; ++i) acc[i] += pv * load8(vr + 8 * i);
-        }
-        m = mx;
-      }
-    }
-    const v8 inv = splat8(l > 0.f ? 1.f / l : 0.f);
-    for (int i = 0; i < DV; ++i) store8(it.out + g * D + 8 * i, acc[i] * inv);
+    row.Finish(l > 0.f ? 1.f / l : 0.f);
   }
 }
 
@@ -207,12 +202,12 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       if (bt[s * W + j] < 0 || bt[s * W + j] >= P)
         return ffi::Error::InvalidArgument("paged_decode: block table holds a page id out of range");
   }
-  void (*attend)(const DecodeItem&) = AttendGeneric;
+  void (*attend)(const DecodeItem&) = Attend<GenericRow>;
   switch (D) {
-    case 64: attend = AttendVec<8>; break;
-    case 80: attend = AttendVec<10>; break;
-    case 96: attend = AttendVec<12>; break;
-    case 128: attend = AttendVec<16>; break;
+    case 64: attend = Attend<VecRow<8>>; break;
+    case 80: attend = Attend<VecRow<10>>; break;
+    case 96: attend = Attend<VecRow<12>>; break;
+    case 128: attend = Attend<VecRow<16>>; break;
     default: break;
   }
   const float* qp = q.typed_data();

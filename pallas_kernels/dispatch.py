@@ -129,9 +129,15 @@ def write_kv_pages(k_pages, v_pages, k, v, slot_mapping, *, backend: str | None 
     """
     name = resolve_backend(backend)
     validation.check_write(k_pages, v_pages, k, v, slot_mapping)
-    if name == "native" and _all_f32(k_pages, v_pages, k, v):
+    if writes_kv_in_place(name, k_pages.dtype) and _all_f32(v_pages, k, v):
         return cpu_native.write_kv_pages(k_pages, v_pages, k, v, slot_mapping)
     return reference.write_kv_pages_ref(k_pages, v_pages, k, v, slot_mapping)
+
+
+def writes_kv_in_place(backend: str | None, dtype) -> bool:
+    """True when `write_kv_pages` uses the native kernel for a cache of `dtype` (in place at any
+    token count; XLA's scatter copies the page array for a single token)."""
+    return resolve_backend(backend) == "native" and jnp.dtype(dtype) == jnp.float32
 
 
 def _all_f32(*xs) -> bool:

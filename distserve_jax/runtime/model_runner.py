@@ -149,10 +149,6 @@ class _Stage:
         return out
 
 
-def _writes_kv_in_place(config: RunnerConfig) -> bool:
-    return dispatch.resolve_backend(config.attention_backend) == "native" and config.dtype == "float32"
-
-
 def params_dtype(params: Any) -> Any:
     return jax.tree_util.tree_leaves(params)[0].dtype
 
@@ -187,7 +183,7 @@ class ModelRunner:
         # With XLA's scatter writing the KV, decode batches start at 2 rows: a one-token step makes
         # XLA turn the page scatter into a select + dynamic-update-slice that copies every page
         # array (a padding row writes page 0). The native CPU kernel writes in place at any size.
-        first = 1 if _writes_kv_in_place(config) else 2
+        first = 1 if dispatch.writes_kv_in_place(config.attention_backend, config.dtype) else 2
         self.seq_buckets = geometric_buckets(first, max(first, c.max_num_seqs))
         self.prefill_seq_buckets = geometric_buckets(1, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
