@@ -22,6 +22,10 @@
 #include <memory>
 #include <thread>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -39,6 +43,49 @@ inline v8 load8(const float* p) {
 inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
 
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
+
+inline float HSum(v8 d) { return ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7])); }
+
+// Lane t of the result is the sum of the lanes of s[t]: eight dot products finished at once.
+inline v8 TransposeSum(const v8* s) {
+#if defined(__AVX__)
+  __m256 a = _mm256_hadd_ps(reinterpret_cast<__m256>(s[0]), reinterpret_cast<__m256>(s[1]));
+  __m256 b = _mm256_hadd_ps(reinterpret_cast<__m256>(s[2]), reinterpret_cast<__m256>(s[3]));
+  __m256 c = _mm256_hadd_ps(reinterpret_cast<__m256>(s[4]), reinterpret_cast<__m256>(s[5]));
+  __m256 d = _mm256_hadd_ps(reinterpret_cast<__m256>(s[6]), reinterpret_cast<__m256>(s[7]));
+  __m256 ab = _mm256_hadd_ps(a, b);  // per 128-bit half: tokens 0-3, partial sums of that half's lanes
+  __m256 cd = _mm256_hadd_ps(c, d);
+  return reinterpret_cast<v8>(_mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20),
+                                            _mm256_permute2f128_ps(ab, cd, 0x31)));
+#else
+  v8 r;
+  for (int t = 0; t < 8; ++t) r[t] = HSum(s[t]);
+  return r;
+#endif
+}
+
+typedef int32_t i8 __attribute__((vector_size(32)));
+
+// exp of eight lanes for x <= 0 (scores minus their running max): x = n ln2 + r with |r| <= ln2 / 2,
+// exp(r) by Cephes' expf polynomial (about 1 ulp), times 2^n through the exponent bits. x below -87
+// (exp < 1.7e-38, far below any probability that moves a float32 sum) gives 0.
+inline v8 Exp8(v8 x) {
+  const i8 under = x < splat8(-87.f);
+  x = under ? splat8(-87.f) : x;
+  const v8 t = x * splat8(1.44269504088896341f) + splat8(0.5f);
+  v8 n = __builtin_convertvector(__builtin_convertvector(t, i8), v8);
+  n = n > t ? n - splat8(1.f) : n;  // floor(x log2(e) + 1/2)
+  const v8 r = x - n * splat8(0.693359375f) - n * splat8(-2.12194440e-4f);
+  v8 p = splat8(1.9875691500e-4f);
+  p = p * r + splat8(1.3981999507e-3f);
+  p = p * r + splat8(8.3334519073e-3f);
+  p = p * r + splat8(4.1665795894e-2f);
+  p = p * r + splat8(1.6666665459e-1f);
+  p = p * r + splat8(5.0000001201e-1f);
+  p = p * r * r + r + splat8(1.f);
+  const i8 bits = reinterpret_cast<i8>(p) + (__builtin_convertvector(n, i8) << 23);
+  return under ? splat8(0.f) : reinterpret_cast<v8>(bits);
+}
 
 // ---------------------------------------------------------------------------- thread pool
 
@@ -115,6 +162,11 @@ struct GenericRow {
     std::fill(o, o + d, 0.f);
   }
   float Score(const float* k) const { return Dot(q, k, d) * scale; }
+  v8 Score8(const float* k) const {
+    v8 r;
+    for (int t = 0; t < 8; ++t) r[t] = Score(k + t * d);
+    return r;
+  }
   void Rescale(float c) { for (int64_t i = 0; i < d; ++i) o[i] *= c; }
   void Add(float p, const float* v) { Axpy(p, v, o, d); }
   void Finish(float inv) { Rescale(inv); }
@@ -132,7 +184,18 @@ struct VecRow {
   float Score(const float* k) const {
     v8 d = q[0] * load8(k);
     for (int i = 1; i < DV; ++i) d += q[i] * load8(k + 8 * i);
-    return ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
+    return HSum(d);
+  }
+  // Scores of eight consecutive tokens (rows 8 * DV floats apart).
+  v8 Score8(const float* k) const {
+    v8 s[8];
+    for (int t = 0; t < 8; ++t) {
+      const float* kt = k + t * 8 * DV;
+      v8 d = q[0] * load8(kt);
+      for (int i = 1; i < DV; ++i) d += q[i] * load8(kt + 8 * i);
+      s[t] = d;
+    }
+    return TransposeSum(s);
   }
   void Rescale(float c) {
     const v8 cv = splat8(c);
@@ -151,7 +214,8 @@ struct VecRow {
 template <typename Row>
 void Attend(const DecodeItem& it) {
   const int64_t D = it.D, PS = it.PS;
-  float sc[16];
+  alignas(32) float sc[16];
+  alignas(32) float pr[16];
   for (int64_t g = 0; g < it.G; ++g) {
     Row row(it.q + g * D, it.out + g * D, D, it.scale);
     float m = kMask, l = 0.f;
@@ -159,21 +223,36 @@ void Attend(const DecodeItem& it) {
       const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
       const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;  // token t at kb + (t - j * PS) * D
       const float* vb = it.v + static_cast<int64_t>(it.table[j]) * PS * D;
-      for (int64_t tc = t0; tc < t1; tc += 16) {
-        const int64_t te = std::min(t1, tc + 16);
-        float mx = m;
-        for (int64_t t = tc; t < te; ++t) {
-          sc[t - tc] = row.Score(kb + (t - j * PS) * D);
-          mx = std::max(mx, sc[t - tc]);
+      if ((j + 1) * PS < it.len) {
+        // The next page sits anywhere in the cache (the hardware prefetchers cannot guess it):
+        // ask for it now, so its lines arrive while this page is being scored.
+        const int64_t off = static_cast<int64_t>(it.table[j + 1]) * PS * D;
+        for (int64_t b = 0; b < PS * D; b += 16) {
+          __builtin_prefetch(it.k + off + b);
+          __builtin_prefetch(it.v + off + b);
         }
+      }
+      for (int64_t tc = t0; tc < t1; tc += 16) {
+        // Up to 16 valid tokens (rows beyond the sequence's length are never read): their scores,
+        // eight at a time where there are eight, then one online-softmax update.
+        const int64_t n = std::min<int64_t>(t1 - tc, 16);
+        const float* k0 = kb + (tc - j * PS) * D;
+        const float* v0 = vb + (tc - j * PS) * D;
+        int64_t t = 0;
+        for (; t + 8 <= n; t += 8) store8(sc + t, row.Score8(k0 + t * D));
+        for (; t < n; ++t) sc[t] = row.Score(k0 + t * D);
+        float mx = m;
+        for (t = 0; t < n; ++t) mx = std::max(mx, sc[t]);
         const float corr = std::exp(m - mx);
         row.Rescale(corr);
         l *= corr;
-        for (int64_t t = tc; t < te; ++t) {
-          const float p = std::exp(sc[t - tc] - mx);
-          l += p;
-          row.Add(p, vb + (t - j * PS) * D);
+        for (t = 0; t + 8 <= n; t += 8) {
+          const v8 p = Exp8(load8(sc + t) - splat8(mx));
+          store8(pr + t, p);
+          l += HSum(p);
         }
+        for (; t < n; ++t) l += (pr[t] = std::exp(sc[t] - mx));
+        for (t = 0; t < n; ++t) row.Add(pr[t], v0 + t * D);
         m = mx;
       }
     }
