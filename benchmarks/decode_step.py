@@ -102,6 +102,24 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def cpu_jiffies() -> tuple[int, int] | None:
+    """(steal, total) jiffies of all CPUs from /proc/stat (None where there is none): time the
+    hypervisor gave this machine's virtual CPUs to someone else."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (fields[7] if len(fields) > 7 else 0), sum(fields)
+
+
+def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float:
+    """Share of CPU time stolen by the hypervisor between two `cpu_jiffies` readings (nan if unknown)."""
+    if start is None or end is None or end[1] <= start[1]:
+        return float("nan")
+    return (end[0] - start[0]) / (end[1] - start[1])
+
+
 def read_bandwidth(mib: int) -> dict[str, float]:
     """Host read bandwidth in GB/s by several streaming reads of one float32 array (bytes over time).
 
@@ -272,6 +290,7 @@ def bench_batch(runner: ModelRunner, hf, ks, vs, batch: int, first: np.ndarray, 
     times = {"ours": [], "hf": []}
     cpu = {"ours": 0.0, "hf": 0.0}
     bandwidth = []
+    jiffies = cpu_jiffies()
     for _ in range(FLAGS.steps):
         for name, loop in (("ours", ours), ("hf", theirs)):
             time.sleep(FLAGS.settle_ms / 1e3)  # let the other side's spinning worker threads go idle
@@ -282,6 +301,7 @@ def bench_batch(runner: ModelRunner, hf, ks, vs, batch: int, first: np.ndarray, 
         bandwidth.append(probe.read())
     result = {f"{k}_step": statistics.median(v) for k, v in times.items()}
     result["bw_during"] = statistics.median(bandwidth)
+    result["steal"] = steal_share(jiffies, cpu_jiffies())
     result.update({f"{k}_cpu": cpu[k] / sum(times[k]) for k in times})
     result.update(ours.parts())
     result.update(width=width, ours_logits=logits, hf_logits=theirs.logits)
@@ -361,7 +381,7 @@ def main(argv):
     print(f"{'batch':>5} {'ours ms':>8} {'floor ms':>8} {'x floor':>7} {'hf ms':>8} {'ours tok/s':>10} "
           f"{'hf tok/s':>9} {'speedup':>7} | {'fwd ms':>7} {'build ms':>8} {'rest ms':>7} {'width':>5} "
           f"{'cpu ours':>8} {'cpu hf':>6} {'max|dlogit|':>11} {'argmax eq':>9} | {'bw@steps':>8} {'x floor@steps':>13} "
-          f"| {'x read':>6} {'x read@steps':>12}")
+          f"| {'x read':>6} {'x read@steps':>12} {'steal':>5}")
     verdicts = []
     for b in batches:
         r = results[b]
@@ -377,7 +397,7 @@ def main(argv):
               f"{r['build'] * 1e3:>8.2f} {rest * 1e3:>7.2f} {r['width'] * FLAGS.block_size:>5} "
               f"{r['ours_cpu']:>8.2f} {r['hf_cpu']:>6.2f} {diff:>11.2e} {agree:>9.2f} | "
               f"{r['bw_during']:>8.1f} {ours_s / floor_during:>13.2f} | {ours_s / read_floor:>6.2f} "
-              f"{ours_s / read_during:>12.2f}")
+              f"{ours_s / read_during:>12.2f} {r['steal']:>5.1%}")
         if b == 1:
             ratio = ours_s / read_during
             verdicts.append(f"{'PASS' if ratio <= FLOOR_TARGET else 'MISS'} batch 1: {ratio:.2f}x the floor of the "
@@ -393,7 +413,8 @@ def main(argv):
           "dlogit, argmax eq: first step, ours vs transformers; bw@steps = median GB/s of the XLA probe run "
           "between this batch's timed steps, x floor@steps = the step over the floor at that bandwidth; "
           "x read, x read@steps = the step over the floor of the bytes a step reads (no untied embedding "
-          "table), at the strict bandwidth and at bw@steps (the batch-1 verdict)")
+          "table), at the strict bandwidth and at bw@steps (the batch-1 verdict); steal = share of the machine's CPU "
+          "time its hypervisor gave to others during the batch's timed steps (/proc/stat)")
     for v in verdicts:
         print(v)
     tmp.cleanup()

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 
 #if defined(__AVX__)
@@ -172,7 +173,9 @@ struct GenericRow {
   void Finish(float inv) { Rescale(inv); }
 };
 
-// head_dim = 8 * DV: the scaled query and the output accumulator live in registers.
+// head_dim = 8 * DV: the scaled query and the output accumulator as vectors. Eight tokens' scores
+// take one query vector at a time (dimensions outside, tokens inside), so at head_dim 128 the
+// query need not stay in registers beside the eight sums.
 template <int DV>
 struct VecRow {
   v8 q[DV], acc[DV];
@@ -189,11 +192,10 @@ struct VecRow {
   // Scores of eight consecutive tokens (rows 8 * DV floats apart).
   v8 Score8(const float* k) const {
     v8 s[8];
-    for (int t = 0; t < 8; ++t) {
-      const float* kt = k + t * 8 * DV;
-      v8 d = q[0] * load8(kt);
-      for (int i = 1; i < DV; ++i) d += q[i] * load8(kt + 8 * i);
-      s[t] = d;
+    for (int t = 0; t < 8; ++t) s[t] = q[0] * load8(k + t * 8 * DV);
+    for (int i = 1; i < DV; ++i) {
+      const v8 qi = q[i];
+      for (int t = 0; t < 8; ++t) s[t] += qi * load8(k + t * 8 * DV + 8 * i);
     }
     return TransposeSum(s);
   }
@@ -211,14 +213,47 @@ struct VecRow {
   }
 };
 
+// One online-softmax update of `row` (running max m, running sum l) with n <= 16 valid tokens
+// (rows beyond the sequence's length are never read): scores eight at a time where there are
+// eight, one rescale, then the weighted values.
+template <typename Row>
+inline void Update(Row& row, float& m, float& l, const float* k0, const float* v0, int64_t n, int64_t D) {
+  alignas(32) float sc[16];
+  alignas(32) float pr[16];
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) store8(sc + t, row.Score8(k0 + t * D));
+  for (; t < n; ++t) sc[t] = row.Score(k0 + t * D);
+  float mx = m;
+  for (t = 0; t < n; ++t) mx = std::max(mx, sc[t]);
+  const float corr = std::exp(m - mx);
+  row.Rescale(corr);
+  l *= corr;
+  for (t = 0; t + 8 <= n; t += 8) {
+    const v8 p = Exp8(load8(sc + t) - splat8(mx));
+    store8(pr + t, p);
+    l += HSum(p);
+  }
+  for (; t < n; ++t) l += (pr[t] = std::exp(sc[t] - mx));
+  for (t = 0; t < n; ++t) row.Add(pr[t], v0 + t * D);
+  m = mx;
+}
+
+// Query heads of one item taken together per page: each page is read from memory once for the
+// whole group (up to kHeadBlock heads at a time), the other heads find it in L1.
+constexpr int kHeadBlock = 8;
+
 template <typename Row>
 void Attend(const DecodeItem& it) {
   const int64_t D = it.D, PS = it.PS;
-  alignas(32) float sc[16];
-  alignas(32) float pr[16];
-  for (int64_t g = 0; g < it.G; ++g) {
-    Row row(it.q + g * D, it.out + g * D, D, it.scale);
-    float m = kMask, l = 0.f;
+  for (int64_t g0 = 0; g0 < it.G; g0 += kHeadBlock) {
+    const int64_t ng = std::min<int64_t>(kHeadBlock, it.G - g0);
+    std::optional<Row> rows[kHeadBlock];
+    float m[kHeadBlock], l[kHeadBlock];
+    for (int64_t g = 0; g < ng; ++g) {
+      rows[g].emplace(it.q + (g0 + g) * D, it.out + (g0 + g) * D, D, it.scale);
+      m[g] = kMask;
+      l[g] = 0.f;
+    }
     for (int64_t j = it.first / PS; j * PS < it.len; ++j) {
       const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
       const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;  // token t at kb + (t - j * PS) * D
@@ -233,30 +268,12 @@ void Attend(const DecodeItem& it) {
         }
       }
       for (int64_t tc = t0; tc < t1; tc += 16) {
-        // Up to 16 valid tokens (rows beyond the sequence's length are never read): their scores,
-        // eight at a time where there are eight, then one online-softmax update.
         const int64_t n = std::min<int64_t>(t1 - tc, 16);
-        const float* k0 = kb + (tc - j * PS) * D;
-        const float* v0 = vb + (tc - j * PS) * D;
-        int64_t t = 0;
-        for (; t + 8 <= n; t += 8) store8(sc + t, row.Score8(k0 + t * D));
-        for (; t < n; ++t) sc[t] = row.Score(k0 + t * D);
-        float mx = m;
-        for (t = 0; t < n; ++t) mx = std::max(mx, sc[t]);
-        const float corr = std::exp(m - mx);
-        row.Rescale(corr);
-        l *= corr;
-        for (t = 0; t + 8 <= n; t += 8) {
-          const v8 p = Exp8(load8(sc + t) - splat8(mx));
-          store8(pr + t, p);
-          l += HSum(p);
-        }
-        for (; t < n; ++t) l += (pr[t] = std::exp(sc[t] - mx));
-        for (t = 0; t < n; ++t) row.Add(pr[t], v0 + t * D);
-        m = mx;
+        for (int64_t g = 0; g < ng; ++g)
+          Update(*rows[g], m[g], l[g], kb + (tc - j * PS) * D, vb + (tc - j * PS) * D, n, D);
       }
     }
-    row.Finish(l > 0.f ? 1.f / l : 0.f);
+    for (int64_t g = 0; g < ng; ++g) rows[g]->Finish(l[g] > 0.f ? 1.f / l[g] : 0.f);
   }
 }
 

@@ -29,7 +29,8 @@ def test_kernels_build_and_auto_picks_native_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("kv_heads,group,head_dim,window", [
-    (2, 1, 64, None), (2, 4, 80, 10), (1, 8, 128, None), (3, 2, 64, 1), (2, 1, 20, 33)])
+    (2, 1, 64, None), (2, 4, 80, 10), (1, 8, 128, None), (3, 2, 64, 1), (2, 1, 20, 33),
+    (1, 12, 64, None)])  # 12 query heads per kv head: two head blocks of the kernel
 def test_native_decode_matches_references(kv_heads, group, head_dim, window):
     scale = head_dim ** -0.5
     for seed in range(3):
