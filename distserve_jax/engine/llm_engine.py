@@ -42,6 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     dtype: str = "float32"
     attention_backend: str | None = None
+    fuse_projections: bool = True
     policy: str = "prefill_first"  # or "chunked"
     seed: int = 0
 
@@ -50,7 +51,8 @@ class EngineConfig:
         return RunnerConfig(max_model_len=max_len, block_size=self.block_size, num_blocks=self.num_blocks,
                             kv_cache_memory_fraction=self.kv_cache_memory_fraction,
                             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                            dtype=self.dtype, attention_backend=self.attention_backend)
+                            dtype=self.dtype, attention_backend=self.attention_backend,
+                            fuse_projections=self.fuse_projections)
 
 
 def make_scheduler(policy: str, config: SchedulerConfig, blocks: BlockManager) -> Scheduler:

@@ -28,6 +28,17 @@ def test_greedy_tokens_and_logprobs_match_transformers(variant, make_llm, hf_che
         np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4, rtol=0)
 
 
+def test_separate_projections_give_the_same_tokens_as_fused(make_llm):
+    prompts = _prompts(3, seed=4, lo=5, hi=40)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    fused, separate = make_llm("llama3"), make_llm("llama3", fuse_projections=False)
+    assert "qkv_proj" in fused.engine.runner.stages[0].params["layers_0"]["self_attn"]
+    assert "q_proj" in separate.engine.runner.stages[0].params["layers_0"]["self_attn"]
+    got = [o.token_ids for o in separate.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
+    assert got == [o.token_ids for o in fused.generate(prompt_token_ids=prompts, sampling_params=params,
+                                                       use_tqdm=False)]
+
+
 def test_batched_equals_one_at_a_time(make_llm):
     llm = make_llm("llama3")
     prompts = _prompts(12, seed=1, lo=1, hi=90)
