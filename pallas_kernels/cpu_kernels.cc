@@ -8,6 +8,8 @@
 //
 //   DistservePagedDecodeF32  one query token per sequence against its paged K/V (online softmax)
 //   DistserveWriteKVF32      new K/V rows into their page slots, in place (outputs alias inputs)
+//   DistserveGatherPagesF32  whole pages of one array, by page id, into a contiguous block list
+//   DistserveScatterPagesF32 a block list into pages by id, in place (the KV pull's two ends)
 //
 // Cache layout (the runtime's): `[num_kv_heads, num_pages, page_size, head_dim]`.
 // Work is split over XLA's intra-op thread pool. The caller takes work items too, so a kernel
@@ -354,7 +356,70 @@ ffi::Error WriteKVImpl(ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pa
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------- page gather / scatter
+
+inline bool PageIdsValid(const int32_t* ids, int64_t n, int64_t num_pages) {
+  for (int64_t i = 0; i < n; ++i)
+    if (ids[i] < 0 || ids[i] >= num_pages) return false;
+  return true;
+}
+
+// out[h, i] = pages[h, ids[i]]: pages `[H, P, PS, D]`, ids `[n]`, out `[H, n, PS, D]`.
+ffi::Error GatherPagesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pages, ffi::Buffer<ffi::S32> ids,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  auto pd = pages.dimensions(), od = out->dimensions();
+  const int64_t n = ids.element_count();
+  if (pd.size() != 4 || od.size() != 4 || od[0] != pd[0] || od[1] != n || od[2] != pd[2] || od[3] != pd[3])
+    return ffi::Error::InvalidArgument("gather_pages: inconsistent shapes");
+  const int64_t H = pd[0], P = pd[1], page = pd[2] * pd[3];
+  const int32_t* id = ids.typed_data();
+  if (!PageIdsValid(id, n, P)) return ffi::Error::InvalidArgument("gather_pages: page id out of range");
+  const float* src = pages.typed_data();
+  float* dst = out->typed_data();
+  ParallelFor(pool, H, [&](int64_t h) {
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(dst + (h * n + i) * page, src + (h * P + id[i]) * page, page * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
+// pages[h, ids[i]] = blocks[h, i], in place (the output aliases `pages`); with repeated ids the
+// last block wins. pages `[H, P, PS, D]`, blocks `[H, n, PS, D]`, ids `[n]`.
+ffi::Error ScatterPagesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pages, ffi::Buffer<ffi::F32> blocks,
+                            ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
+  auto pd = pages.dimensions(), bd = blocks.dimensions();
+  const int64_t n = ids.element_count();
+  if (pd.size() != 4 || bd.size() != 4 || bd[0] != pd[0] || bd[1] != n || bd[2] != pd[2] || bd[3] != pd[3])
+    return ffi::Error::InvalidArgument("scatter_pages: inconsistent shapes");
+  const int64_t H = pd[0], P = pd[1], page = pd[2] * pd[3];
+  const int32_t* id = ids.typed_data();
+  if (!PageIdsValid(id, n, P)) return ffi::Error::InvalidArgument("scatter_pages: page id out of range");
+  float* dst = out->typed_data();
+  if (dst != pages.typed_data()) std::memcpy(dst, pages.typed_data(), pages.size_bytes());
+  const float* src = blocks.typed_data();
+  ParallelFor(pool, H, [&](int64_t h) {
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(dst + (h * P + id[i]) * page, src + (h * n + i) * page, page * sizeof(float));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistserveGatherPagesF32, GatherPagesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DistserveScatterPagesF32, ScatterPagesImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistservePagedDecodeF32, PagedDecodeImpl,
                               ffi::Ffi::Bind()

@@ -10,6 +10,9 @@ Kernels and their references (tests compare the two on fresh random inputs):
     `reference.paged_decode_attention_ref`.
   - `write_kv_pages(...)`: writes in place (outputs alias the page inputs, so a donated cache is
     never copied, whatever the token count); reference: `reference.write_kv_pages_ref`.
+  - `gather_pages(...)`, `scatter_pages(...)`: whole pages by id out of one page array and into
+    another (in place), the two ends of a KV pull; references: `reference.gather_pages_ref`,
+    `reference.scatter_pages_ref`.
 
 Everything here is float32; callers fall back to the XLA paths for other dtypes. `available()`
 says whether the library built (the reason is logged once when it did not).
@@ -36,7 +39,8 @@ from absl import logging
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 CACHE_ENV = "DISTSERVE_NATIVE_CACHE"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fno-math-errno", "-std=c++17", "-shared", "-fPIC")
-TARGETS = {"paged_decode": "DistservePagedDecodeF32", "write_kv": "DistserveWriteKVF32"}
+TARGETS = {"paged_decode": "DistservePagedDecodeF32", "write_kv": "DistserveWriteKVF32",
+           "gather_pages": "DistserveGatherPagesF32", "scatter_pages": "DistserveScatterPagesF32"}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -171,3 +175,23 @@ def write_kv_pages(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.
 def supported_on_default_backend() -> bool:
     """True when JAX runs on the CPU and the kernels are available."""
     return jax.default_backend() == "cpu" and available()
+
+
+def gather_pages(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """`pages[:, page_ids]`: `[num_kv_heads, num_pages, page_size, head_dim]` float32 pages and
+    `[n]` int32 ids in, `[num_kv_heads, n, page_size, head_dim]` out (one memcpy per page)."""
+    load()
+    _f32(pages)
+    h, _, ps, d = pages.shape
+    return jax.ffi.ffi_call("distserve_gather_pages_f32", jax.ShapeDtypeStruct((h, page_ids.shape[0], ps, d), jnp.float32),
+                            vmap_method="sequential")(pages, page_ids.astype(jnp.int32))
+
+
+def scatter_pages(pages: jax.Array, blocks: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """`pages.at[:, page_ids].set(blocks)` in place: the output aliases `pages` (donate it to the
+    enclosing jit and nothing but the blocks' bytes move). With repeated ids the last block wins."""
+    load()
+    _f32(pages, blocks)
+    return jax.ffi.ffi_call("distserve_scatter_pages_f32", jax.ShapeDtypeStruct(pages.shape, jnp.float32),
+                            input_output_aliases={0: 0}, vmap_method="sequential")(
+        pages, blocks, page_ids.astype(jnp.int32))

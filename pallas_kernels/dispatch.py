@@ -8,9 +8,9 @@ Backends:
     any platform. Far too slow to serve with; tests and a flag choose it explicitly.
   - ``xla``: decode through the blocked scan of `xla_decode.py` (reads the cache once, no
     context-sized gather), prefill through the reference.
-  - ``native``: CPU only. Decode attention and the KV write through the C++ kernels of
-    `cpu_native.py` (compiled on first use with the system compiler), prefill through the
-    reference. float32 only: other dtypes take the ``xla`` path.
+  - ``native``: CPU only. Decode attention, the KV write and the page gather/scatter of a KV
+    pull through the C++ kernels of `cpu_native.py` (compiled on first use with the system
+    compiler), prefill through the reference. float32 only: other dtypes take the ``xla`` path.
   - ``auto``: ``pallas`` on GPU; on CPU ``native`` when its kernels build, else ``xla``.
 
 The backend is chosen per call by the ``backend`` argument, else by the environment variable
@@ -135,9 +135,31 @@ def write_kv_pages(k_pages, v_pages, k, v, slot_mapping, *, backend: str | None 
 
 
 def writes_kv_in_place(backend: str | None, dtype) -> bool:
-    """True when `write_kv_pages` uses the native kernel for a cache of `dtype` (in place at any
-    token count; XLA's scatter copies the page array for a single token)."""
+    """True when `write_kv_pages` (and the page gather/scatter of a KV pull) use the native kernels
+    for a cache of `dtype` (in place at any token count; XLA's scatter copies the page array for a
+    single token)."""
     return resolve_backend(backend) == "native" and jnp.dtype(dtype) == jnp.float32
+
+
+def gather_pages(pages, page_ids, *, backend: str | None = None):
+    """Whole pages by id, `[H, P, PS, D]` -> `[H, n, PS, D]`; see `reference.gather_pages_ref`.
+
+    ``native`` (float32) copies each page with one memcpy; XLA's CPU gather moves them element
+    block by element block (RESULTS.md: the KV pull's gather cost 1-6x the copy itself).
+    """
+    validation.check_page_blocks(pages, page_ids)
+    if writes_kv_in_place(backend, pages.dtype):
+        return cpu_native.gather_pages(pages, page_ids)
+    return reference.gather_pages_ref(pages, page_ids)
+
+
+def scatter_pages(pages, blocks, page_ids, *, backend: str | None = None):
+    """`pages.at[:, page_ids].set(blocks)`, in place when the pages are donated; see
+    `reference.scatter_pages_ref` (``native``: one memcpy per page into the aliased pages)."""
+    validation.check_page_blocks(pages, page_ids, blocks)
+    if writes_kv_in_place(backend, pages.dtype) and _all_f32(blocks):
+        return cpu_native.scatter_pages(pages, blocks, page_ids)
+    return reference.scatter_pages_ref(pages, blocks, page_ids)
 
 
 def _all_f32(*xs) -> bool:

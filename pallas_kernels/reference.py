@@ -177,3 +177,15 @@ def write_kv_pages_ref(
     kf = k_pages.reshape(h, n * ps, d).at[:, slot_mapping].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))
     vf = v_pages.reshape(h, n * ps, d).at[:, slot_mapping].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype))
     return kf.reshape(h, n, ps, d), vf.reshape(h, n, ps, d)
+
+
+def gather_pages_ref(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """Whole pages by id: `[num_kv_heads, num_pages, page_size, head_dim]` pages, `[n]` ids ->
+    `[num_kv_heads, n, page_size, head_dim]`."""
+    return pages[:, page_ids]
+
+
+def scatter_pages_ref(pages: jax.Array, blocks: jax.Array, page_ids: jax.Array) -> jax.Array:
+    """`pages` with `blocks` `[num_kv_heads, n, page_size, head_dim]` written at pages `page_ids`
+    (in place when the pages are donated). Which block lands on a repeated id is unspecified."""
+    return pages.at[:, page_ids].set(blocks.astype(pages.dtype))

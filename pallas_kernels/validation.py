@@ -146,3 +146,15 @@ def check_write(k_pages, v_pages, k, v, slot_mapping) -> None:
     _integer("slot_mapping", slot_mapping)
     if slot_mapping.shape[0] != k.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries, k has {k.shape[0]} tokens")
+
+
+def check_page_blocks(pages, page_ids, blocks=None) -> None:
+    """Checks the arguments of `gather_pages` / `scatter_pages`."""
+    _rank("pages", pages, 4)
+    _rank("page_ids", page_ids, 1)
+    _integer("page_ids", page_ids)
+    if blocks is not None:
+        _rank("blocks", blocks, 4)
+        want = (pages.shape[0], page_ids.shape[0], pages.shape[2], pages.shape[3])
+        if tuple(blocks.shape) != want:
+            raise ValueError(f"blocks {tuple(blocks.shape)} must be {want} (heads, ids, page_size, head_dim)")

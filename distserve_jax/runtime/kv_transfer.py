@@ -1,16 +1,19 @@
 """Pull-based KV migration between two instances' paged caches (in one process).
 
-A pull gathers the request's blocks on every source pipeline stage, converts kv heads between
+A pull gathers the request's blocks on every source pipeline stage (`dispatch.gather_pages`, per
+kv-head shard), converts kv heads between
 the two instances' tp layouts (each checkpoint kv head is replicated `tp / kv_heads` times when
 tp exceeds the kv heads, so the replication factor can differ between instances), moves each
 layer with `jax.device_put` to the destination stage that holds that layer (resharding over the
-destination's `tp` axis), and scatters it into the destination pages (donated: in place).
+destination's `tp` axis), and scatters it into the destination pages (`dispatch.scatter_pages`,
+donated: in place). On CPU in float32 both ends are the native kernels' one memcpy per page.
 All of it is dispatched asynchronously; `Transfer.wait()` blocks until it has landed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -21,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from distserve_jax.runtime.buckets import geometric_buckets, round_up
 from distserve_jax.runtime.model_runner import ModelRunner
 from distserve_jax.runtime.sharding import TP, replicated
+from pallas_kernels import dispatch
 
 
 @dataclasses.dataclass
@@ -51,7 +55,7 @@ class KVMigrator:
         self.layer_dst = self._layer_map(dst)
         self.buckets = geometric_buckets(1, max(src.config.max_blocks_per_seq, dst.config.max_blocks_per_seq))
         self._gathers = [self._make_gather(i) for i in range(len(src.stages))]
-        self._scatters = [jax.jit(_scatter, donate_argnums=(0,)) for _ in dst.stages]
+        self._scatters = [self._make_scatter(st.mesh) for st in dst.stages]
         itemsize = jnp.dtype(dst.config.dtype).itemsize
         self.block_bytes = (2 * dst.cfg.num_kv_heads * dst.config.block_size * dst.cfg.head_dim * itemsize)
 
@@ -68,11 +72,13 @@ class KVMigrator:
         spec = P(TP) if heads % mesh.shape[TP] == 0 else P()
         out_sharding = NamedSharding(mesh, spec)
         head_index = None if self.identity_heads else jnp.asarray(self.head_index)
+        take = jax.shard_map(functools.partial(dispatch.gather_pages, backend=self.src.config.attention_backend),
+                             mesh=mesh, in_specs=(P(TP), P()), out_specs=P(TP), check_vma=False)
 
         def gather(pages, block_ids):
             out = []
             for k, v in pages:
-                k, v = k[:, block_ids], v[:, block_ids]
+                k, v = take(k, block_ids), take(v, block_ids)
                 if head_index is not None:
                     k, v = k[head_index], v[head_index]
                 out.append((k, v))
@@ -80,6 +86,18 @@ class KVMigrator:
 
         n_layers = len(self.src.stages[stage].pages)
         return jax.jit(gather, out_shardings=tuple((out_sharding, out_sharding) for _ in range(n_layers)))
+
+    def _make_scatter(self, mesh):
+        put = jax.shard_map(functools.partial(dispatch.scatter_pages, backend=self.dst.config.attention_backend),
+                            mesh=mesh, in_specs=(P(TP), P(TP), P()), out_specs=P(TP), check_vma=False)
+
+        def scatter(pages, kvs, block_ids):
+            """Writes gathered K/V into `block_ids`; the scalar second output is ready when the write is done."""
+            new = tuple((put(k, nk.astype(k.dtype), block_ids), put(v, nv.astype(v.dtype), block_ids))
+                        for (k, v), (nk, nv) in zip(pages, kvs))
+            return new, jnp.sum(block_ids)
+
+        return jax.jit(scatter, donate_argnums=(0,))
 
     def warmup(self) -> int:
         """Compiles the pull for every block-count bucket (null page onto null page)."""
@@ -111,9 +129,3 @@ class KVMigrator:
             markers.append(marker)
         return Transfer(markers, len(src_blocks) * self.block_bytes * len(gathered))
 
-
-def _scatter(pages, kvs, block_ids):
-    """Writes gathered K/V into `block_ids`; the scalar second output is ready when the write is done."""
-    new = tuple((k.at[:, block_ids].set(nk.astype(k.dtype)), v.at[:, block_ids].set(nv.astype(v.dtype)))
-                for (k, v), (nk, nv) in zip(pages, kvs))
-    return new, jnp.sum(block_ids)

@@ -1,5 +1,6 @@
-"""Tests for `pallas_kernels/cpu_native.py`: the C++ decode attention and KV write against the jnp
-reference and float64 numpy, in-place writes, shard_map over tp, bad inputs, and the build."""
+"""Tests for `pallas_kernels/cpu_native.py`: the C++ decode attention, KV write and page
+gather/scatter against the jnp references and float64 numpy, in-place writes, shard_map over tp,
+bad inputs, and the build."""
 
 import functools
 import os
@@ -88,6 +89,54 @@ def test_native_write_rejects_slots_outside_the_cache():
     k = v = jnp.ones((1, 1, 8), jnp.float32)
     with pytest.raises(Exception, match="slot out of range"):
         jax.block_until_ready(jax.jit(cpu_native.write_kv_pages)(kp, vp, k, v, jnp.array([8], jnp.int32)))
+
+
+def test_native_page_gather_and_in_place_scatter_match_references():
+    rng = np.random.default_rng(7)
+    src = jnp.asarray(rng.standard_normal((3, 9, 4, 16)), jnp.float32)
+    ids = jnp.asarray([5, 0, 8, 2, 5], jnp.int32)  # repeats are fine for a gather
+    got = jax.jit(cpu_native.gather_pages)(src, ids)
+    np.testing.assert_array_equal(got, reference.gather_pages_ref(src, ids))
+    assert got.shape == (3, 5, 4, 16)
+
+    dst = jnp.asarray(rng.standard_normal((3, 7, 4, 16)), jnp.float32)
+    dst_ids = jnp.asarray([6, 1, 3, 0, 4], jnp.int32)
+    want = reference.scatter_pages_ref(dst, got, dst_ids)
+    ptr = dst.unsafe_buffer_pointer()
+    new = jax.jit(cpu_native.scatter_pages, donate_argnums=(0,))(dst, got, dst_ids)
+    np.testing.assert_array_equal(new, want)
+    assert new.unsafe_buffer_pointer() == ptr and dst.is_deleted(), "the destination pages were copied"
+
+
+def test_native_page_ops_reject_bad_ids_and_shapes():
+    pages = jnp.zeros((2, 4, 2, 8), jnp.float32)
+    with pytest.raises(Exception, match="gather_pages: page id out of range"):
+        jax.block_until_ready(jax.jit(cpu_native.gather_pages)(pages, jnp.array([1, 4], jnp.int32)))
+    with pytest.raises(Exception, match="scatter_pages: page id out of range"):
+        jax.block_until_ready(jax.jit(cpu_native.scatter_pages)(pages, jnp.ones((2, 1, 2, 8), jnp.float32),
+                                                                jnp.array([-1], jnp.int32)))
+    with pytest.raises(ValueError, match="blocks"):
+        dispatch.scatter_pages(pages, jnp.ones((2, 2, 2, 8), jnp.float32), jnp.array([1], jnp.int32), backend="native")
+    with pytest.raises(ValueError, match="page_ids"):
+        dispatch.gather_pages(pages, jnp.array([1.0]), backend="native")
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_page_ops_under_shard_map_over_tp(backend):
+    mesh = Mesh(np.array(jax.devices()[:2]), ("tp",))
+    rng = np.random.default_rng(8)
+    src = jnp.asarray(rng.standard_normal((4, 6, 2, 8)), jnp.float32)
+    dst = jnp.asarray(rng.standard_normal((4, 5, 2, 8)), jnp.float32)
+    heads, rep = jax.sharding.PartitionSpec("tp"), jax.sharding.PartitionSpec()
+    take = jax.shard_map(functools.partial(dispatch.gather_pages, backend=backend), mesh=mesh,
+                         in_specs=(heads, rep), out_specs=heads)
+    put = jax.shard_map(functools.partial(dispatch.scatter_pages, backend=backend), mesh=mesh,
+                        in_specs=(heads, heads, rep), out_specs=heads)
+    ids, dst_ids = jnp.asarray([3, 1], jnp.int32), jnp.asarray([0, 4], jnp.int32)
+    moved = jax.jit(lambda s, d: put(d, take(s, ids), dst_ids))(src, dst)
+    want = np.asarray(dst).copy()
+    want[:, [0, 4]] = np.asarray(src)[:, [3, 1]]
+    np.testing.assert_array_equal(moved, want)
 
 
 def test_native_kernels_take_float32_only():
