@@ -9,7 +9,7 @@ them with a `KVMigrator`, prefills one prompt of that length on the source and m
     sample fetched to the host), median over `--repeats` after an untimed compile run. This is
     the unloaded TTFT of the request on the source instance (no queueing);
   - pull: `KVMigrator.pull(src_blocks, dst_blocks)` followed by `Transfer.wait()`: gather on
-    the source, per-layer `device_put` to the destination sharding, scatter into the destination
+    the source, one batched `device_put` per destination stage, scatter into the destination
     pages. Median over `--repeats` after an untimed compile pull. GB/s = `Transfer.num_bytes`
     (the request's K and V over all layers) over the time;
   - copy: one `jax.device_put` of the same arrays (per layer, K and V, each
@@ -17,7 +17,7 @@ them with a `KVMigrator`, prefills one prompt of that length on the source and m
     the destination mesh's sharding, blocked until ready. Same bytes, same shardings, no gather
     and no scatter: the floor of the copy path. Median over `--repeats`.
 
-  - phases: the pull's gather, per-layer `device_put` and scatter timed one at a time (the
+  - phases: the pull's gather, `device_put` and scatter timed one at a time (the
     migrator's own jitted functions), to show where the time over a bare copy goes.
 
 It prints, per row: bytes, pull and copy times, GB/s of both, copy/pull GB/s ratio (1.0: the
