@@ -32,7 +32,9 @@ FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """Engine limits and runtime sizes (see `RunnerConfig` and `SchedulerConfig`)."""
+    """Engine limits and runtime sizes: every `RunnerConfig` field under the same name and default
+    (`max_model_len` may be None: the model's context, capped at 2048), plus the scheduling policy
+    and the engine's seed. A test keeps the two in step."""
 
     max_model_len: int | None = None  # None: the model's context, capped at 2048
     block_size: int = 16
@@ -47,12 +49,9 @@ class EngineConfig:
     seed: int = 0
 
     def runner_config(self, model_max_len: int) -> RunnerConfig:
-        max_len = self.max_model_len or min(model_max_len, 2048)
-        return RunnerConfig(max_model_len=max_len, block_size=self.block_size, num_blocks=self.num_blocks,
-                            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
-                            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-                            dtype=self.dtype, attention_backend=self.attention_backend,
-                            fuse_projections=self.fuse_projections)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunnerConfig)}
+        shared["max_model_len"] = self.max_model_len or min(model_max_len, 2048)
+        return RunnerConfig(**shared)
 
 
 def make_scheduler(policy: str, config: SchedulerConfig, blocks: BlockManager) -> Scheduler:

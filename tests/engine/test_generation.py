@@ -28,6 +28,20 @@ def test_greedy_tokens_and_logprobs_match_transformers(variant, make_llm, hf_che
         np.testing.assert_allclose(got_lp, ref_lp, atol=1e-4, rtol=0)
 
 
+def test_engine_config_mirrors_runner_config():
+    import dataclasses
+    from distserve_jax.engine.llm_engine import EngineConfig
+    from distserve_jax.runtime.model_runner import RunnerConfig
+    engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    for f in dataclasses.fields(RunnerConfig):
+        assert f.name in engine, f"EngineConfig lacks RunnerConfig.{f.name}"
+        if f.name != "max_model_len":
+            assert engine[f.name] == f.default, f"EngineConfig.{f.name} default differs from RunnerConfig's"
+    rc = EngineConfig(block_size=8, fuse_projections=False, num_blocks=40).runner_config(4096)
+    assert (rc.block_size, rc.fuse_projections, rc.num_blocks, rc.max_model_len) == (8, False, 40, 2048)
+    assert EngineConfig(max_model_len=300).runner_config(4096).max_model_len == 300
+
+
 def test_separate_projections_give_the_same_tokens_as_fused(make_llm):
     prompts = _prompts(3, seed=4, lo=5, hi=40)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
