@@ -23,6 +23,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <string>
 #include <thread>
 
 #if defined(__AVX__)
@@ -358,50 +359,44 @@ ffi::Error WriteKVImpl(ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pa
 
 // ---------------------------------------------------------------------------- page gather / scatter
 
-inline bool PageIdsValid(const int32_t* ids, int64_t n, int64_t num_pages) {
+// Copies whole pages between a page array `[H, P, PS, D]` and a block list `[H, n, PS, D]`:
+// block i is page ids[i] of every head. `to_blocks` picks the direction (gather when true).
+// With repeated ids, a scatter's last block wins.
+ffi::Error MovePages(ffi::ThreadPool& pool, const char* name, ffi::Span<const int64_t> pd,
+                     ffi::Span<const int64_t> bd, const int32_t* ids, int64_t n, float* pages, float* blocks,
+                     bool to_blocks) {
+  if (pd.size() != 4 || bd.size() != 4 || bd[0] != pd[0] || bd[1] != n || bd[2] != pd[2] || bd[3] != pd[3])
+    return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
+  const int64_t H = pd[0], P = pd[1], page = pd[2] * pd[3];
   for (int64_t i = 0; i < n; ++i)
-    if (ids[i] < 0 || ids[i] >= num_pages) return false;
-  return true;
+    if (ids[i] < 0 || ids[i] >= P) return ffi::Error::InvalidArgument(std::string(name) + ": page id out of range");
+  ParallelFor(pool, H, [&](int64_t h) {
+    for (int64_t i = 0; i < n; ++i) {
+      float* pg = pages + (h * P + ids[i]) * page;
+      float* bl = blocks + (h * n + i) * page;
+      std::memcpy(to_blocks ? bl : pg, to_blocks ? pg : bl, page * sizeof(float));
+    }
+  });
+  return ffi::Error::Success();
 }
 
 // out[h, i] = pages[h, ids[i]]: pages `[H, P, PS, D]`, ids `[n]`, out `[H, n, PS, D]`.
 ffi::Error GatherPagesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pages, ffi::Buffer<ffi::S32> ids,
                            ffi::ResultBuffer<ffi::F32> out) {
-  auto pd = pages.dimensions(), od = out->dimensions();
-  const int64_t n = ids.element_count();
-  if (pd.size() != 4 || od.size() != 4 || od[0] != pd[0] || od[1] != n || od[2] != pd[2] || od[3] != pd[3])
-    return ffi::Error::InvalidArgument("gather_pages: inconsistent shapes");
-  const int64_t H = pd[0], P = pd[1], page = pd[2] * pd[3];
-  const int32_t* id = ids.typed_data();
-  if (!PageIdsValid(id, n, P)) return ffi::Error::InvalidArgument("gather_pages: page id out of range");
-  const float* src = pages.typed_data();
-  float* dst = out->typed_data();
-  ParallelFor(pool, H, [&](int64_t h) {
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(dst + (h * n + i) * page, src + (h * P + id[i]) * page, page * sizeof(float));
-  });
-  return ffi::Error::Success();
+  return MovePages(pool, "gather_pages", pages.dimensions(), out->dimensions(), ids.typed_data(),
+                   ids.element_count(), pages.typed_data(), out->typed_data(), true);
 }
 
 // pages[h, ids[i]] = blocks[h, i], in place (the output aliases `pages`); with repeated ids the
 // last block wins. pages `[H, P, PS, D]`, blocks `[H, n, PS, D]`, ids `[n]`.
 ffi::Error ScatterPagesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pages, ffi::Buffer<ffi::F32> blocks,
                             ffi::Buffer<ffi::S32> ids, ffi::ResultBuffer<ffi::F32> out) {
-  auto pd = pages.dimensions(), bd = blocks.dimensions();
-  const int64_t n = ids.element_count();
-  if (pd.size() != 4 || bd.size() != 4 || bd[0] != pd[0] || bd[1] != n || bd[2] != pd[2] || bd[3] != pd[3])
-    return ffi::Error::InvalidArgument("scatter_pages: inconsistent shapes");
-  const int64_t H = pd[0], P = pd[1], page = pd[2] * pd[3];
-  const int32_t* id = ids.typed_data();
-  if (!PageIdsValid(id, n, P)) return ffi::Error::InvalidArgument("scatter_pages: page id out of range");
   float* dst = out->typed_data();
-  if (dst != pages.typed_data()) std::memcpy(dst, pages.typed_data(), pages.size_bytes());
-  const float* src = blocks.typed_data();
-  ParallelFor(pool, H, [&](int64_t h) {
-    for (int64_t i = 0; i < n; ++i)
-      std::memcpy(dst + (h * P + id[i]) * page, src + (h * n + i) * page, page * sizeof(float));
-  });
-  return ffi::Error::Success();
+  auto pd = pages.dimensions();
+  if (dst != pages.typed_data())  // XLA gave a fresh buffer instead of the aliased pages
+    std::memcpy(dst, pages.typed_data(), pages.size_bytes());
+  return MovePages(pool, "scatter_pages", pd, blocks.dimensions(), ids.typed_data(), ids.element_count(), dst,
+                   blocks.typed_data(), false);
 }
 
 }  // namespace

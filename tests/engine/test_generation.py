@@ -1,9 +1,13 @@
 """Greedy generation matches transformers; batching, tp and preemption do not change tokens."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
 from distserve_jax import SamplingParams
+from distserve_jax.engine.llm_engine import EngineConfig
+from distserve_jax.runtime.model_runner import RunnerConfig
 from distserve_jax.runtime import compile_counter
 from tests.hf_checkpoints import VARIANTS, hf_greedy_generate
 
@@ -29,9 +33,6 @@ def test_greedy_tokens_and_logprobs_match_transformers(variant, make_llm, hf_che
 
 
 def test_engine_config_mirrors_runner_config():
-    import dataclasses
-    from distserve_jax.engine.llm_engine import EngineConfig
-    from distserve_jax.runtime.model_runner import RunnerConfig
     engine = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
     for f in dataclasses.fields(RunnerConfig):
         assert f.name in engine, f"EngineConfig lacks RunnerConfig.{f.name}"
