@@ -4,10 +4,14 @@ For a Llama-shaped model (default: `configs/models/llama-130m.json`, float32, ra
 each batch size in `--batch_sizes`, with `--context` tokens of context per sequence, it measures
 in one process on one CPU device (tp=1):
 
-  - ours: `ModelRunner.execute` on decode `SeqWork` items (greedy sampling, sampled token fed
-    back), median over `--steps` steps after `--warmup` untimed ones (compilation excluded). Each
-    step ends with the sampled tokens on the host. Also the parts of a step: `build_inputs`
-    (host packing), `forward` alone (blocked until ready) and the rest (sampler + fetch).
+  - ours: decode steps of the runner as the engine runs them (`async_scheduling`): each step is
+    launched before the previous one's tokens are fetched and reads them on the device
+    (`ModelRunner.launch(works, prev=...)`). The step time is the median interval between
+    consecutive fetches of the sampled tokens on the host, over `--steps` steps run in chunks of
+    `--chunk` (each chunk starts with one more step that fills the pipeline, not timed), after
+    `--warmup` untimed steps (compilation excluded). Beside it, `sync`: one step at a time
+    (`ModelRunner.execute`, launch then fetch), the same number of steps. Also the parts of a
+    step: `build_inputs` (host packing), `forward` alone (blocked until ready).
   - the memory floor, two ways:
       - the issue's accounting: weight bytes (every parameter, float32) plus the KV bytes a step
         must read (`B * context * layers * 2 * kv_heads * head_dim * 4`);
@@ -22,8 +26,9 @@ in one process on one CPU device (tp=1):
         statistic as the step time).
   - transformers: `LlamaForCausalLM` in eager PyTorch (no torch.compile) on the same weights,
     one-token steps with `past_key_values` (a `DynamicCache`) under `torch.inference_mode()`,
-    the argmax fed back; median over the same number of steps. Timed steps of ours and of
-    transformers alternate, so on a shared host both see the same background load.
+    the argmax fed back; median over the same number of steps. Chunks of ours (launched ahead,
+    then one at a time) and of transformers alternate, so on a shared host all see the same
+    background load.
 
 Same weights: a `LlamaForCausalLM` is built from the config with a fixed seed (std-0.02 init),
 saved with `save_pretrained` (safetensors) to a temporary directory, and that directory is what
@@ -73,6 +78,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Decode batch sizes.")
 flags.DEFINE_integer("context", 512, "Tokens of context per sequence before the first timed step.")
 flags.DEFINE_integer("steps", 20, "Timed decode steps per batch size (median reported).")
+flags.DEFINE_integer("chunk", 5, "Timed steps per chunk; ours and transformers alternate by chunk.")
 flags.DEFINE_integer("warmup", 3, "Untimed decode steps before the timed ones (compilation included).")
 flags.DEFINE_string("model", "llama-130m", "Named config in configs/models/ (a Llama shape).")
 flags.DEFINE_integer("max_model_len", 2048, "RunnerConfig.max_model_len (sets the block-table width buckets).")
@@ -206,10 +212,11 @@ class OursLoop:
         self.tables = [list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)) for i in range(batch)]
         self.greedy = SamplingParams(temperature=0.0)
 
-    def works(self) -> list[SeqWork]:
+    def works(self, fed: bool = False) -> list[SeqWork]:
+        """The next step's items; `fed`: each reads its token from row i of the previous launched step."""
         n = self.step_index
-        return [SeqWork([int(self.tokens[i])], FLAGS.context + n, self.tables[i], self.greedy, seed=i,
-                        num_generated=n) for i in range(self.batch)]
+        return [SeqWork([0] if fed else [int(self.tokens[i])], FLAGS.context + n, self.tables[i], self.greedy,
+                        seed=i, num_generated=n, prev_row=i if fed else None) for i in range(self.batch)]
 
     def first_logits(self) -> tuple[np.ndarray, int]:
         """Logits `[batch, vocab]` of the first step (which rewrites the same KV slot later) and the
@@ -221,6 +228,26 @@ class OursLoop:
         out = self.runner.execute(self.works())
         self.tokens = np.array([r.token_id for r in out])
         self.step_index += 1
+
+    def run_ahead(self, k: int) -> list[float]:
+        """k + 1 steps, each launched before the previous one's tokens are fetched (as the engine
+        does); returns the k intervals between consecutive fetches after the first."""
+        pending = self.runner.launch(self.works())
+        self.step_index += 1
+        intervals, last = [], None
+        for j in range(k + 1):
+            nxt = None
+            if j < k:
+                nxt = self.runner.launch(self.works(fed=True), prev=pending)
+                self.step_index += 1
+            out = self.runner.collect(pending)
+            now = time.perf_counter()
+            if last is not None:
+                intervals.append(now - last)
+            last = now
+            self.tokens = np.array([r.token_id for r in out])
+            pending = nxt
+        return intervals
 
     def parts(self) -> dict[str, float]:
         """Median seconds of `build_inputs` and of `forward` alone, on the next step's inputs
@@ -278,31 +305,47 @@ class BandwidthProbe:
         return self.x.nbytes / best / 1e9
 
 
+def num_chunks() -> int:
+    return -(-FLAGS.steps // FLAGS.chunk)
+
+
 def bench_batch(runner: ModelRunner, hf, ks, vs, batch: int, first: np.ndarray, blocks_per_seq: int,
                 probe: BandwidthProbe) -> dict:
-    """Warm-up, then timed steps of ours and transformers alternating (so both see the same load),
-    with a bandwidth probe after each pair."""
+    """Warm-up, then chunks of ours (launched ahead, then one step at a time) and of transformers
+    alternating (so all see the same load), with a bandwidth probe per step after each round."""
     ours, theirs = OursLoop(runner, batch, first, blocks_per_seq), HFLoop(hf, ks, vs, batch, first)
     logits, width = ours.first_logits()
     for _ in range(FLAGS.warmup):
         ours.step()
         theirs.step()
-    times = {"ours": [], "hf": []}
-    cpu = {"ours": 0.0, "hf": 0.0}
+    ours.run_ahead(2)
+    times = {"ours": [], "sync": [], "hf": []}
+    cpu = {"ours": 0.0, "sync": 0.0, "hf": 0.0}
+    wall = dict(cpu)
     bandwidth = []
     jiffies = cpu_jiffies()
-    for _ in range(FLAGS.steps):
-        for name, loop in (("ours", ours), ("hf", theirs)):
+
+    def timed_steps(loop) -> list[float]:
+        out = []
+        for _ in range(FLAGS.chunk):
+            t0 = time.perf_counter()
+            loop.step()
+            out.append(time.perf_counter() - t0)
+        return out
+
+    for _ in range(num_chunks()):
+        for name, run in (("ours", lambda: ours.run_ahead(FLAGS.chunk)), ("sync", lambda: timed_steps(ours)),
+                          ("hf", lambda: timed_steps(theirs))):
             time.sleep(FLAGS.settle_ms / 1e3)  # let the other side's spinning worker threads go idle
             c0, t0 = cpu_seconds(), time.perf_counter()
-            loop.step()
-            times[name].append(time.perf_counter() - t0)
+            times[name] += run()
             cpu[name] += cpu_seconds() - c0
-        bandwidth.append(probe.read())
+            wall[name] += time.perf_counter() - t0
+        bandwidth += [probe.read() for _ in range(FLAGS.chunk)]
     result = {f"{k}_step": statistics.median(v) for k, v in times.items()}
     result["bw_during"] = statistics.median(bandwidth)
     result["steal"] = steal_share(jiffies, cpu_jiffies())
-    result.update({f"{k}_cpu": cpu[k] / sum(times[k]) for k in times})
+    result.update({f"{k}_cpu": cpu[k] / wall[k] for k in times})
     result.update(ours.parts())
     result.update(width=width, ours_logits=logits, hf_logits=theirs.logits)
     return result
@@ -313,13 +356,15 @@ def main(argv):
     batches = sorted({int(b) for b in FLAGS.batch_sizes})
     if not batches or batches[0] < 1:
         raise ValueError(f"--batch_sizes must be positive integers, got {FLAGS.batch_sizes}")
-    if FLAGS.context < 1 or FLAGS.steps < 1 or FLAGS.warmup < 1:
-        raise ValueError("--context, --steps and --warmup must be >= 1")
+    if FLAGS.context < 1 or FLAGS.steps < 1 or FLAGS.warmup < 1 or FLAGS.chunk < 1:
+        raise ValueError("--context, --steps, --chunk and --warmup must be >= 1")
     cores = len(os.sched_getaffinity(0))
     threads = FLAGS.threads or cores
     torch.set_num_threads(threads)
     max_b = batches[-1]
-    total_len = FLAGS.context + FLAGS.warmup + FLAGS.steps + 1
+    # Steps of ours per batch: warm-up, 3 to warm the launched-ahead path, then per chunk one
+    # untimed fill step, the timed ones launched ahead and as many one at a time.
+    total_len = FLAGS.context + FLAGS.warmup + 3 + num_chunks() * (2 * FLAGS.chunk + 1) + 1
     if total_len > FLAGS.max_model_len:
         raise ValueError(f"--context + --warmup + --steps ({total_len}) exceeds --max_model_len={FLAGS.max_model_len}")
     blocks_per_seq = -(-total_len // FLAGS.block_size)
@@ -379,7 +424,7 @@ def main(argv):
               f"{bw_after[name]:.1f} after")
     print(f"strict floor uses {bw_gbs:.1f} GB/s ({bw_name}, the best)\n")
     print(f"{'batch':>5} {'ours ms':>8} {'floor ms':>8} {'x floor':>7} {'hf ms':>8} {'ours tok/s':>10} "
-          f"{'hf tok/s':>9} {'speedup':>7} | {'fwd ms':>7} {'build ms':>8} {'rest ms':>7} {'width':>5} "
+          f"{'hf tok/s':>9} {'speedup':>7} | {'sync ms':>7} {'sync/ours':>9} {'fwd ms':>7} {'build ms':>8} {'rest ms':>7} {'width':>5} "
           f"{'cpu ours':>8} {'cpu hf':>6} {'max|dlogit|':>11} {'argmax eq':>9} | {'bw@steps':>8} {'x floor@steps':>13} "
           f"| {'x read':>6} {'x read@steps':>12} {'steal':>5}")
     verdicts = []
@@ -391,9 +436,11 @@ def main(argv):
         speed = hf_s / ours_s
         diff = float(np.max(np.abs(r["ours_logits"] - r["hf_logits"])))
         agree = float(np.mean(r["ours_logits"].argmax(-1) == r["hf_logits"].argmax(-1)))
-        rest = ours_s - r["forward"] - r["build"]
+        sync_s = r["sync_step"]
+        rest = sync_s - r["forward"] - r["build"]
         print(f"{b:>5} {ours_s * 1e3:>8.2f} {floor * 1e3:>8.2f} {ours_s / floor:>7.2f} {hf_s * 1e3:>8.2f} "
-              f"{b / ours_s:>10.1f} {b / hf_s:>9.1f} {speed:>7.2f} | {r['forward'] * 1e3:>7.2f} "
+              f"{b / ours_s:>10.1f} {b / hf_s:>9.1f} {speed:>7.2f} | {sync_s * 1e3:>7.2f} {sync_s / ours_s:>9.2f} "
+              f"{r['forward'] * 1e3:>7.2f} "
               f"{r['build'] * 1e3:>8.2f} {rest * 1e3:>7.2f} {r['width'] * FLAGS.block_size:>5} "
               f"{r['ours_cpu']:>8.2f} {r['hf_cpu']:>6.2f} {diff:>11.2e} {agree:>9.2f} | "
               f"{r['bw_during']:>8.1f} {ours_s / floor_during:>13.2f} | {ours_s / read_floor:>6.2f} "
@@ -407,8 +454,9 @@ def main(argv):
         if b >= 8:
             verdicts.append(f"{'PASS' if speed >= SPEEDUP_TARGET else 'MISS'} batch {b}: {speed:.2f}x "
                             f"transformers throughput (target >= {SPEEDUP_TARGET}x)")
-    print("\ncolumns: floor = (every weight byte + KV bytes of the context) / strict read bandwidth; fwd = forward "
-          "alone; build = build_inputs; rest = step - fwd - build (sampler, fetch); width = tokens of KV the "
+    print("\ncolumns: ours = a step launched ahead (the engine's default); floor = (every weight byte + KV bytes of "
+          "the context) / strict read bandwidth; sync = a step launched and fetched alone (no launching ahead); "
+          "fwd = forward alone; build = build_inputs; rest = sync - fwd - build (sampler, fetch); width = tokens of KV the "
           "step's block table spans (its width bucket); cpu = process CPU seconds per wall second in timed steps; "
           "dlogit, argmax eq: first step, ours vs transformers; bw@steps = median GB/s of the XLA probe run "
           "between this batch's timed steps, x floor@steps = the step over the floor at that bandwidth; "

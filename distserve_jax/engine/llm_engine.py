@@ -2,8 +2,15 @@
 
 `LLMEngine` validates requests, keeps them in a scheduler (continuous batching with preemption),
 runs each step on its `ModelRunner`, and turns sampled tokens into `RequestOutput`s. It is
-synchronous and single-threaded: `step()` runs one iteration. The offline `LLM` API drives it
-directly; the disaggregated engine runs several of its parts on separate meshes.
+single-threaded: `step()` returns one step's outputs. The offline `LLM` API drives it directly;
+the disaggregated engine runs several of its parts on separate meshes.
+
+With `async_scheduling` (the default), `step()` schedules and launches step N+1 before it fetches
+step N's tokens: the next step reads them on the device, so the devices go from one step to the
+next without waiting for the host (dispatch, sampling fetch, detokenizing and stop checks overlap
+the next step). A request that step N ends by a stop token or string has already been given a row
+in step N+1; that row is computed and discarded. Batches with penalties run one step at a time,
+as penalties need every generated token on the host.
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ from absl import logging
 
 from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
-from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SampleResult, SeqWork
+from distserve_jax.runtime.model_runner import ModelRunner, PendingStep, RunnerConfig, SampleResult, SeqWork
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.sampling_params import SamplingParams
-from distserve_jax.scheduler.batch import ScheduledSeq
+from distserve_jax.scheduler.batch import ScheduledSeq, SchedulerOutput
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.policies import (ChunkedPrefillScheduler, PrefillFirstScheduler, Scheduler,
                                               SchedulerConfig)
@@ -33,8 +40,9 @@ FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Engine limits and runtime sizes: every `RunnerConfig` field under the same name and default
-    (`max_model_len` may be None: the model's context, capped at 2048), plus the scheduling policy
-    and the engine's seed. A test keeps the two in step."""
+    (`max_model_len` may be None: the model's context, capped at 2048), plus the scheduling policy,
+    the engine's seed and whether steps are launched ahead (`async_scheduling`). A test keeps the
+    two in step."""
 
     max_model_len: int | None = None  # None: the model's context, capped at 2048
     block_size: int = 16
@@ -47,6 +55,7 @@ class EngineConfig:
     fuse_projections: bool = True
     policy: str = "prefill_first"  # or "chunked"
     seed: int = 0
+    async_scheduling: bool = True  # launch step N+1 before fetching step N (LLMEngine)
 
     def runner_config(self, model_max_len: int) -> RunnerConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunnerConfig)}
@@ -105,9 +114,11 @@ def build_request(spec: ModelSpec, max_model_len: int, max_kv_tokens: int, rng: 
         raise ValueError(f"request needs up to {longest} tokens of KV cache but an instance holds only "
                          f"{max_kv_tokens}; lower max_tokens or the prompt length")
     seed = params.seed if params.seed is not None else int(rng.integers(0, 2**31 - 1))
+    # The output processor ends a request at max_tokens or at the context length, after at least one token.
+    max_tokens = max(1, min(params.max_tokens, max_model_len - len(ids)))
     return Request(request_id=request_id, prompt_token_ids=ids, sampling=params, seed=seed,
                    arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
-                   max_tokens=params.max_tokens)
+                   max_tokens=max_tokens)
 
 
 class EngineCoreBase:
@@ -165,6 +176,15 @@ class EngineCoreBase:
         return bool(self.requests)
 
 
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step whose tokens are not fetched yet."""
+
+    scheduled: SchedulerOutput
+    pending: PendingStep
+    rows: dict[int, int]  # id(request) -> its row, for the rows that sample a token
+
+
 class LLMEngine(EngineCoreBase):
     """Continuous-batching engine for one instance (tp devices, one mesh)."""
 
@@ -181,6 +201,8 @@ class LLMEngine(EngineCoreBase):
         self.blocks = BlockManager(self.runner.num_blocks, rc.block_size)
         self.scheduler = make_scheduler(config.policy, SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
+        self._inflight: _InFlight | None = None
+        self.num_discarded_rows = 0  # rows computed for requests that had ended meanwhile (launching ahead)
 
     # ---------------------------------------------------------------- requests
     def _max_kv_tokens(self) -> int:
@@ -202,23 +224,58 @@ class LLMEngine(EngineCoreBase):
 
     # ---------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:
-        """Runs one iteration; returns an output for every request that produced a token."""
+        """Runs one iteration; returns an output for every request that produced a token.
+
+        Launches the next step (with `async_scheduling`) before fetching the current one's tokens.
+        """
+        current = self._inflight
+        if current is not None and all(s.request.finished for s in current.scheduled.seqs):
+            current = None  # only rows of requests that have ended since: nothing to fetch
+        if current is None:
+            current = self._launch(None)
+            if current is None:
+                if self.scheduler.waiting and not self.scheduler.running:
+                    raise RuntimeError("no request can be scheduled although the cache is empty")
+                self._inflight = None
+                return []
+        self._inflight = None
+        if self.config.async_scheduling and not any(
+                w.sample and w.sampling.uses_penalties for w in current.pending.works):
+            self._inflight = self._launch(current)
+        return self._complete(current)
+
+    def _launch(self, prev: _InFlight | None) -> _InFlight | None:
+        """Schedules and launches a step; tokens `prev` samples are fed on the device."""
         out = self.scheduler.schedule()
         for r in out.preempted:
             logging.info("preempted %s (KV cache full); it will be recomputed", r.request_id)
         if not out:
-            if self.scheduler.waiting and not self.scheduler.running:
-                raise RuntimeError("no request can be scheduled although the cache is empty")
-            return []
+            return None
         now = time.perf_counter()
-        works = [seq_work(s, self.blocks, now) for s in out.seqs]
-        results = self.runner.execute(works)
+        works = [seq_work(s, self.blocks, now, prev.rows if prev else None) for s in out.seqs]
+        pending = self.runner.launch(works, prev.pending if prev else None)
         self.scheduler.after_step(out)
+        rows = {}
+        for i, (s, w) in enumerate(zip(out.seqs, works)):
+            if w.sample:
+                s.request.num_inflight_tokens += 1
+                rows[id(s.request)] = i
+        return _InFlight(out, pending, rows)
+
+    def _complete(self, step: _InFlight) -> list[RequestOutput]:
+        """Fetches a launched step's tokens and hands them to their requests."""
+        results = self.runner.collect(step.pending)
         now = time.perf_counter()
         outputs = []
-        for s, res in zip(out.seqs, results):
-            if res is not None:
-                outputs.append(self._on_token(s.request, res, now))
+        for s, res in zip(step.scheduled.seqs, results):
+            if res is None:
+                continue
+            r = s.request
+            r.num_inflight_tokens -= 1
+            if r.finished:  # it ended (stop, abort) while this step ran
+                self.num_discarded_rows += 1
+            else:
+                outputs.append(self._on_token(r, res, now))
         return outputs
 
     def _on_token(self, r: Request, res, now: float) -> RequestOutput:
@@ -235,16 +292,26 @@ class LLMEngine(EngineCoreBase):
         return self.runner.warmup(modes)
 
 
-def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float) -> SeqWork:
-    """The runner's view of one scheduled sequence (stamps its prefill start)."""
+def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float, prev_rows: dict[int, int] | None = None) -> SeqWork:
+    """The runner's view of one scheduled sequence (stamps its prefill start).
+
+    A request whose last token is still in flight is fed it on the device, from its row in the
+    previous launched step (`prev_rows`: id(request) -> row).
+    """
     r = s.request
     if r.prefill_start is None:
         r.prefill_start = now
     start = r.num_computed_tokens
-    return SeqWork(token_ids=r.all_token_ids[start:start + s.num_new_tokens], context_len=start,
+    tokens, prev_row = r.all_token_ids[start:start + s.num_new_tokens], None
+    if r.num_inflight_tokens:
+        prev_row = (prev_rows or {}).get(id(r))
+        if prev_row is None or s.num_new_tokens != 1 or r.num_inflight_tokens != 1:
+            raise RuntimeError(f"request {r.request_id!r} has a token in flight outside the previous step")
+        tokens = [0]  # placeholder: the runner reads the token on the device
+    return SeqWork(token_ids=tokens, context_len=start,
                    block_table=blocks.block_table(r.request_id), sampling=r.sampling, seed=r.seed,
-                   num_generated=len(r.output_token_ids), sample=s.completes_prompt,
-                   prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids)
+                   num_generated=len(r.output_token_ids) + r.num_inflight_tokens, sample=s.completes_prompt,
+                   prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids, prev_row=prev_row)
 
 
 def apply_token(r: Request, res: SampleResult, now: float, outputs: OutputProcessor

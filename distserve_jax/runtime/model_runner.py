@@ -7,6 +7,11 @@ stage's mesh.
 
 The runner knows nothing of requests or queues: the engine hands it `SeqWork` items, each the
 tokens to feed for one sequence, where its KV lives, and how to sample its next token.
+
+Steps can be chained without a round trip to the host: `launch(works, prev=pending)` may feed a
+sequence the token that the still-running step `pending` samples for it (`SeqWork.prev_row`).
+The first stage's forward picks those tokens out of the previous sampler's on-device output, so
+an engine can dispatch step N+1 before it fetches step N's tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from distserve_jax.models import fusion
 from distserve_jax.models.decoder import DecoderStage, stage_bounds
 from distserve_jax.runtime import kv_cache
 from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up
-from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample
+from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample_with_feed
 from distserve_jax.runtime.sharding import TP, replicated
 from distserve_jax.runtime.weights import WeightSource
 from distserve_jax.sampling_params import SamplingParams
@@ -92,6 +97,8 @@ class SeqWork:
       num_generated: tokens generated so far (the sampler's per-request RNG counter).
       sample: False for a prompt chunk that does not reach the end of the prompt.
       prompt_ids, output_ids: the request's tokens, read only when penalties are on.
+      prev_row: feed the token sampled for row `prev_row` of the step passed to `launch` as
+        `prev` (still on the device) instead of `token_ids`, which must then be one placeholder.
     """
 
     token_ids: Sequence[int]
@@ -103,6 +110,7 @@ class SeqWork:
     sample: bool = True
     prompt_ids: Sequence[int] = ()
     output_ids: Sequence[int] = ()
+    prev_row: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +122,12 @@ class SampleResult:
 
 @dataclasses.dataclass
 class PendingStep:
-    """A launched step: its work items and the sampler's (not yet fetched) device output."""
+    """A launched step: its work items, the sampler's (not yet fetched) device output, and the
+    sampled tokens padded to `[feed_rows]` on the first stage's mesh, for a following step's feed."""
 
     works: list[SeqWork]
     out: Any
+    next_tokens: Any
 
 
 class _Stage:
@@ -141,11 +151,14 @@ class _Stage:
                                    fused_projections=fuse)
         self.forward = jax.jit(self._forward, donate_argnums=(1,))
 
-    def _forward(self, params, pages, x, meta):
+    def _forward(self, params, pages, x, meta, feed):
+        if feed is not None:  # first stage: tokens sampled by the previous step, still on device
+            prev_tokens, rows = feed
+            x = jnp.where(rows >= 0, prev_tokens[jnp.maximum(rows, 0)], x)
         return self.module.apply({"params": params}, x, meta, pages)
 
-    def run(self, x: jax.Array, meta: AttentionMetadata) -> jax.Array:
-        out, self.pages = self.forward(self.params, self.pages, x, meta)
+    def run(self, x: jax.Array, meta: AttentionMetadata, feed: tuple[Any, Any] | None = None) -> jax.Array:
+        out, self.pages = self.forward(self.params, self.pages, x, meta, feed)
         return out
 
 
@@ -178,7 +191,6 @@ class ModelRunner:
             fuse = config.fuse_projections and tp == 1 and self.cfg.family != "opt"
             self.stages.append(_Stage(self.cfg, m, s, e, p, pages, config.attention_backend, fuse))
         self.last_mesh = stage_meshes[-1]
-        self._sample = jax.jit(sample, static_argnames=("num_top_logprobs",))
         c = config
         # With XLA's scatter writing the KV, decode batches start at 2 rows: a one-token step makes
         # XLA turn the page scatter into a select + dynamic-update-slice that copies every page
@@ -188,6 +200,12 @@ class ModelRunner:
         self.prefill_seq_buckets = geometric_buckets(1, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
         self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
+        # Every step's sampled tokens, padded to the most rows a step has, feed the next step.
+        self.feed_rows = max(self.seq_buckets[-1], self.prefill_seq_buckets[-1])
+        self._feed_sharding = self.stages[0].replicated
+        self._no_feed = jax.device_put(np.zeros(self.feed_rows, np.int32), self._feed_sharding)
+        self._sample = jax.jit(functools.partial(sample_with_feed, feed_rows=self.feed_rows),
+                               static_argnames=("num_top_logprobs",))
 
     def _size_cache(self, meshes, params, bounds) -> int:
         c = self.config
@@ -261,26 +279,58 @@ class ModelRunner:
         return tokens, meta
 
     # ----------------------------------------------------------------- steps
-    def forward(self, tokens: np.ndarray, meta: AttentionMetadata) -> jax.Array:
-        """Runs all stages; returns float32 logits `[num_seqs_bucket, vocab]` on the last mesh."""
+    def forward(self, tokens: np.ndarray, meta: AttentionMetadata,
+                feed: tuple[jax.Array, np.ndarray] | None = None) -> jax.Array:
+        """Runs all stages; returns float32 logits `[num_seqs_bucket, vocab]` on the last mesh.
+
+        `feed` is `(prev_tokens [feed_rows], rows [T])`: token i is replaced by
+        `prev_tokens[rows[i]]` where `rows[i] >= 0` (None: no token is replaced).
+        """
         # Host arrays go to the jitted stage as they are: its C++ dispatch moves them onto the
         # stage's devices in one go, a fraction of the cost of a Python-side `device_put` each.
+        if feed is None:
+            feed = (self._no_feed, np.full(tokens.shape[0], -1, np.int32))
         x = tokens
         for i, st in enumerate(self.stages):
             if i:
                 x = jax.device_put(x, st.replicated)
-            x = st.run(x, meta)
+            x = st.run(x, meta, None if i else feed)
         return x
 
     def execute(self, works: Sequence[SeqWork]) -> list[SampleResult | None]:
         """One step for `works`; returns the sampled token of each item with `sample=True`."""
         return self.collect(self.launch(works))
 
-    def launch(self, works: Sequence[SeqWork]) -> "PendingStep":
-        """Dispatches a step without waiting for it (JAX runs it asynchronously)."""
+    def launch(self, works: Sequence[SeqWork], prev: PendingStep | None = None) -> PendingStep:
+        """Dispatches a step without waiting for it (JAX runs it asynchronously).
+
+        Items with `prev_row` set are fed the token `prev` samples for that row, without `prev`
+        being fetched: the two steps run back to back on the devices.
+        """
         tokens, meta = self.build_inputs(works)
-        logits = self.forward(tokens, meta)
-        return PendingStep(list(works), self._launch_sample(logits, works))
+        logits = self.forward(tokens, meta, self._feed(works, meta, prev))
+        out, next_tokens = self._launch_sample(logits, works)
+        return PendingStep(list(works), out, next_tokens)
+
+    def _feed(self, works: Sequence[SeqWork], meta: AttentionMetadata, prev: PendingStep | None):
+        """`(prev_tokens, rows [T])` for `forward`, or None when no item reads `prev`."""
+        fed = [(i, w.prev_row) for i, w in enumerate(works) if w.prev_row is not None]
+        if not fed:
+            return None
+        if prev is None:
+            raise ValueError("a SeqWork has prev_row set but launch() got no previous step")
+        rows = np.full(meta.positions.shape[0], -1, np.int32)
+        for i, row in fed:
+            if not 0 <= row < len(prev.works) or not prev.works[row].sample:
+                raise ValueError(f"sequence {i}: prev_row={row} is not a sampled row of the previous step "
+                                 f"({len(prev.works)} rows)")
+            if len(works[i].token_ids) != 1:
+                raise ValueError(f"sequence {i}: a fed item takes one placeholder token, got {len(works[i].token_ids)}")
+            rows[meta.query_start_loc[i]] = row
+        prev_tokens = prev.next_tokens
+        if prev_tokens.sharding != self._feed_sharding:
+            prev_tokens = jax.device_put(prev_tokens, self._feed_sharding)
+        return prev_tokens, rows
 
     def collect(self, pending: "PendingStep") -> list[SampleResult | None]:
         """Waits for a launched step and returns its sampled tokens."""

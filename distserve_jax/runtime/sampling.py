@@ -7,6 +7,8 @@ Owns the device-side view of `SamplingParams`:
 - `sample`: logits -> token ids, the sampled token's logprob and the top-n logprobs, with no
   per-request Python (one compiled program per shape; the runtime compiles a separate variant
   with penalties, used only when some row of the batch has a penalty on).
+- `sample_with_feed`: `sample`, plus the token ids padded to a fixed length, which the next
+  step reads on the device when it is launched before this one is fetched.
 
 Randomness: row i draws with the key `fold_in(key(seeds[i]), step[i])`, where `step[i]` is the
 number of tokens the request has generated so far. So a seeded request produces the same
@@ -355,3 +357,14 @@ def sample(logits: jax.Array, t: SamplingTensors, *, num_top_logprobs: int = 0,
         top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
     return SamplerOutput(token_ids=token_ids, logprobs=token_logprobs,
                          top_ids=top_ids.astype(jnp.int32), top_logprobs=top_logprobs)
+
+
+def sample_with_feed(logits: jax.Array, t: SamplingTensors, *, feed_rows: int, num_top_logprobs: int = 0,
+                     penalties: PenaltyInputs | None = None) -> tuple[SamplerOutput, jax.Array]:
+    """`sample`, plus its token ids zero-padded to `[feed_rows]` int32: what a following step,
+    launched before this one's output is fetched, reads its input tokens from."""
+    out = sample(logits, t, num_top_logprobs=num_top_logprobs, penalties=penalties)
+    if feed_rows < out.token_ids.shape[0]:
+        raise ValueError(f"feed_rows={feed_rows} is smaller than the batch ({out.token_ids.shape[0]} rows)")
+    padded = jnp.zeros(feed_rows, jnp.int32).at[:out.token_ids.shape[0]].set(out.token_ids)
+    return out, padded

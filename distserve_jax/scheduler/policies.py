@@ -3,6 +3,11 @@
 `Scheduler` owns an instance's waiting queue, its running set and its `BlockManager`; a policy's
 `schedule()` picks the requests of the next step and reserves their KV blocks.
 
+An engine may schedule step N+1 while step N runs: a request's token in flight counts in its
+length (`Request.num_inflight_tokens`), a request whose in-flight token ends it by length is not
+given another, and a preempted request whose token is still in flight waits for it before being
+recomputed.
+
 - `PrefillFirstScheduler` (vLLM-style, the `colocated` baseline and the single-mesh engine):
   a step is either a prefill batch (FCFS under a token budget, admitted only if its blocks fit)
   or, when nothing can be admitted, one decode token for every running request. A running
@@ -127,7 +132,7 @@ class Scheduler:
         With `allow_oversized`, a head-of-queue prompt longer than the budget runs alone.
         """
         seqs: list[ScheduledSeq] = []
-        while self.waiting and len(seqs) < max_seqs:
+        while self.waiting and len(seqs) < max_seqs and not self.waiting[0].num_inflight_tokens:
             r = self.waiting[0]
             n = r.num_pending_tokens
             if n > budget and not (allow_oversized and not seqs and budget == self.config.max_num_batched_tokens):
@@ -139,6 +144,11 @@ class Scheduler:
             if budget <= 0:
                 break
         return seqs
+
+    def _decode_candidates(self) -> list[Request]:
+        """Running requests due a decode token: past their prompt, and not already ended by
+        length with a token still in flight."""
+        return [r for r in self.running if not r.is_prefill and not r.reaches_max_tokens]
 
     def _reserve_decode_slots(self, candidates: list[Request]) -> tuple[list[ScheduledSeq], list[Request]]:
         """One more KV slot for each candidate, preempting the newest running request on a full cache."""
@@ -167,8 +177,7 @@ class PrefillFirstScheduler(Scheduler):
             seqs = self._admit_prefills(self.config.max_num_batched_tokens, room, allow_oversized=True)
             if seqs:
                 return SchedulerOutput(seqs)
-        decodes = [r for r in self.running if not r.is_prefill]
-        seqs, preempted = self._reserve_decode_slots(decodes)
+        seqs, preempted = self._reserve_decode_slots(self._decode_candidates())
         return SchedulerOutput(seqs, preempted)
 
 
@@ -177,8 +186,7 @@ class ChunkedPrefillScheduler(Scheduler):
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        decodes = [r for r in self.running if not r.is_prefill]
-        seqs, preempted = self._reserve_decode_slots(decodes)
+        seqs, preempted = self._reserve_decode_slots(self._decode_candidates())
         budget -= len(seqs)
         # Continue partially prefilled requests first (FCFS), then admit new ones.
         for r in [r for r in self.running if r.is_prefill]:
@@ -191,7 +199,7 @@ class ChunkedPrefillScheduler(Scheduler):
             seqs.append(ScheduledSeq(r, n))
             budget -= n
         while (self.waiting and budget > 0 and len(seqs) < self.config.max_num_seqs
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.config.max_num_seqs and not self.waiting[0].num_inflight_tokens):
             r = self.waiting[0]
             n = min(r.num_pending_tokens, budget)
             if not self.blocks.can_fit(n):

@@ -34,6 +34,12 @@ class Request:
     `num_computed_tokens` counts tokens whose KV is in the cache of the instance holding the
     request. The next step feeds `all_token_ids[num_computed_tokens:]` (a prompt, a prompt chunk,
     or the last sampled token).
+
+    `num_inflight_tokens` counts tokens that launched steps will sample for the request but that
+    the host has not fetched yet (an engine that launches step N+1 before fetching step N). They
+    count in `num_tokens`, so the scheduler plans for them; `all_token_ids` holds only the known
+    ones. `max_tokens` is the most tokens the request may generate (its `max_tokens`, capped by
+    the context length).
     """
 
     request_id: str
@@ -44,6 +50,7 @@ class Request:
     max_tokens: int
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
     num_computed_tokens: int = 0
+    num_inflight_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
     # Timestamps (seconds, `time.perf_counter` clock of the engine).
@@ -62,7 +69,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        """Prompt and output tokens, those still in flight included."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
+
+    @property
+    def reaches_max_tokens(self) -> bool:
+        """True when the tokens generated so far (in flight included) end the request by length."""
+        return len(self.output_token_ids) + self.num_inflight_tokens >= self.max_tokens
 
     @property
     def num_pending_tokens(self) -> int:

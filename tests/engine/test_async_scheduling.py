@@ -1,0 +1,122 @@
+"""Launching step N+1 before fetching step N (`async_scheduling`) changes no output.
+
+Against an engine that runs one step at a time, on the same checkpoint: greedy and seeded
+sampling, stop tokens (rows discarded after a request stops), max_tokens, logprobs, penalties
+(which run one step at a time), preemption under a tiny cache, and aborting a request while a
+step that holds it is in flight. Also the runner's on-device token feed on its own.
+"""
+
+import numpy as np
+import pytest
+
+from distserve_jax import SamplingParams
+from distserve_jax.runtime.model_runner import SeqWork
+
+
+def _prompts(n, seed, lo=4, hi=40, vocab=256):
+    rng = np.random.default_rng(seed)
+    return [[int(t) for t in rng.integers(3, vocab, int(rng.integers(lo, hi)))] for _ in range(n)]
+
+
+def _count_fed_rows(engine) -> list[int]:
+    """Wraps the runner's launch; the returned list fills with each launch's number of fed rows."""
+    counts, launch = [], engine.runner.launch
+
+    def counting(works, prev=None):
+        counts.append(sum(w.prev_row is not None for w in works))
+        return launch(works, prev)
+
+    engine.runner.launch = counting
+    return counts
+
+
+def _mixed_params(stop_token: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=17, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=1),
+        SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=12, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, stop_token_ids=[stop_token]),
+        SamplingParams(temperature=0.0, max_tokens=4, repetition_penalty=1.3, frequency_penalty=0.2),
+        SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True),
+    ]
+
+
+def _assert_same_outputs(got, ref):
+    for g, r in zip(got, ref):
+        assert (g.token_ids, g.finish_reason, g.text) == (r.token_ids, r.finish_reason, r.text)
+        if r.logprobs is not None:
+            for a, b in zip(g.logprobs, r.logprobs):
+                assert a.keys() == b.keys()
+                np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode,num_blocks", [("colocated", 96), ("colocated", 9), ("chunked", 96)])
+def test_launching_ahead_gives_the_same_outputs(make_llm, mode, num_blocks):
+    prompts = _prompts(8, seed=5)
+    sync = make_llm("llama2", mode=mode, num_blocks=num_blocks, async_scheduling=False)
+    ahead = make_llm("llama2", mode=mode, num_blocks=num_blocks)
+    # A stop token that the greedy continuation of prompt 1 produces some tokens in (after the
+    # penalised request, which turns launching ahead off while it runs, has ended).
+    free = sync.generate(prompt_token_ids=[prompts[1]], sampling_params=SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    params = _mixed_params(free.token_ids[9])
+    ref = sync.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    fed = _count_fed_rows(ahead.engine)
+    discarded = ahead.engine.num_discarded_rows
+    got = ahead.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    _assert_same_outputs(got, ref)
+    assert got[1].finish_reason == "stop" and len(got[1].token_ids) <= 10
+    assert sum(fed) > 0, "no step was fed tokens on the device"
+    assert ahead.engine.num_discarded_rows > discarded, "no row was computed after its request stopped"
+    if num_blocks < 20:
+        assert sum(o.metrics["num_preemptions"] for o in got) > 0, "nothing was preempted"
+
+
+def test_abort_while_a_step_is_in_flight_leaves_a_clean_cache(make_llm):
+    sync = make_llm("llama2", async_scheduling=False)
+    ahead = make_llm("llama2")
+    eng = ahead.engine
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    eng.add_request("doomed", prompt_token_ids=_prompts(1, seed=9, lo=30, hi=31)[0], params=long)
+    for _ in range(3):
+        eng.step()
+    assert eng._inflight is not None and eng.blocks.num_used > 0
+    out = eng.abort_request("doomed")
+    assert out.finish_reason == "abort" and len(out.token_ids) == 3
+    assert eng.blocks.num_used == 0
+    # The freed blocks go to new requests; the step still in flight must not disturb them.
+    prompts = _prompts(3, seed=10, lo=20, hi=40)
+    ref = sync.generate(prompt_token_ids=prompts, sampling_params=long, use_tqdm=False)
+    got = ahead.generate(prompt_token_ids=prompts, sampling_params=long, use_tqdm=False)
+    _assert_same_outputs(got, ref)
+
+
+def test_runner_feeds_the_previous_steps_tokens_on_the_device(make_llm):
+    runner = make_llm("llama2", async_scheduling=False).engine.runner
+    greedy = SamplingParams(temperature=0.0, logprobs=1)
+    prompts = _prompts(2, seed=12, lo=10, hi=30)
+    tables = [[1, 2, 3], [4, 5, 6]]
+
+    def prefill():
+        return [SeqWork(p, 0, t, greedy) for p, t in zip(prompts, tables)]
+
+    def decode(tokens, prev_rows):
+        return [SeqWork([tok], len(p), t, greedy, num_generated=1, prev_row=row)
+                for p, t, tok, row in zip(prompts, tables, tokens, prev_rows)]
+
+    first = runner.execute(prefill())
+    host = runner.execute(decode([r.token_id for r in first], [None, None]))
+    pending = runner.launch(prefill())
+    # Rows swapped on purpose: item i reads row i of the previous step whatever its own index.
+    fed = runner.launch(decode([0, 0], [0, 1])[::-1], prev=pending)
+    assert [r.token_id for r in runner.collect(pending)] == [r.token_id for r in first]
+    got = runner.collect(fed)[::-1]
+    assert [r.token_id for r in got] == [r.token_id for r in host]
+    np.testing.assert_allclose([r.logprob for r in got], [r.logprob for r in host], atol=1e-6, rtol=0)
+
+    with pytest.raises(ValueError, match="no previous step"):
+        runner.launch(decode([0, 0], [0, 1]))
+    with pytest.raises(ValueError, match="prev_row=2 is not a sampled row"):
+        runner.launch(decode([0, 0], [0, 2]), prev=runner.launch(prefill()))
