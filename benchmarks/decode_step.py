@@ -414,7 +414,7 @@ def main(argv):
     print(f"\n== decode step: {FLAGS.model} ({weight_bytes / 1e6:.1f} MB float32 weights, of which a step reads "
           f"{(weight_bytes - unread) / 1e6:.1f} MB; {c.num_layers} layers, {c.num_heads}/{c.num_kv_heads} heads x "
           f"{c.head_dim}), context {FLAGS.context}, median of {FLAGS.steps} steps after {FLAGS.warmup} warm-up, "
-          f"ours and transformers alternating")
+          f"in chunks of {FLAGS.chunk}, ours (launched ahead, then one at a time) and transformers alternating")
     print(f"host: {cores} cores in affinity; torch threads {torch.get_num_threads()}; JAX {jax.__version__} on "
           f"{len(jax.devices())} CPU device (XLA's intra-op pool over the same cores); attention backend "
           f"{dispatch.resolve_backend(runner.config.attention_backend)}; transformers {transformers.__version__} "
