@@ -230,6 +230,7 @@ class LLMEngine(EngineCoreBase):
         """
         current = self._inflight
         if current is not None and all(s.request.finished for s in current.scheduled.seqs):
+            self.num_discarded_rows += len(current.rows)
             current = None  # only rows of requests that have ended since: nothing to fetch
         if current is None:
             current = self._launch(None)
