@@ -9,6 +9,11 @@ One thread drives every instance. A step:
   4. collects the sampled tokens: a request's first token streams out as soon as its prefill
      ends; its KV stays on the prefill instance until a decode instance pulls it.
 A request that a full decode cache preempts goes back to prefill to be recomputed.
+
+With `async_scheduling` (the default), a decode instance with one pipeline stage launches its next
+decode step before its current one is fetched (`step_launcher`): the current step is collected in
+this call and the next one in the following call, so the instance runs step after step while the
+host handles pulls and outputs.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any, Sequence
 import jax
 from absl import logging
 
-from distserve_jax.engine.llm_engine import FINISH_STATUS, EngineConfig, EngineCoreBase, apply_token, seq_work
+from distserve_jax.engine.llm_engine import FINISH_STATUS, EngineConfig, EngineCoreBase, apply_token
+from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step, seq_work
 from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.engine.placement import Placement
@@ -44,6 +50,7 @@ class Instance:
     scheduler: Any
     tp: int
     pp: int
+    inflight: InFlightStep | None = None  # a decode step launched ahead, fetched next engine step
 
     def info(self) -> dict[str, Any]:
         s = self.scheduler
@@ -95,6 +102,7 @@ class DisaggEngine(EngineCoreBase):
         self.pulls: list[_Pull] = []
         self.migrated_bytes = 0
         self.migration_seconds: list[float] = []
+        self.num_discarded_rows = 0  # decode rows computed for requests that had ended meanwhile
 
     @property
     def instances(self) -> list[Instance]:
@@ -135,11 +143,15 @@ class DisaggEngine(EngineCoreBase):
             if out:
                 works = [seq_work(s, inst.blocks, now) for s in out.seqs]
                 launched.append((inst, out, [inst.runner.launch(works)]))
+        ahead = []
         for inst in self.decode:
+            if self.config.async_scheduling and inst.pp == 1:
+                current = self._decode_ahead(inst)
+                if current is not None:
+                    ahead.append((inst, current))
+                continue
             out = inst.scheduler.schedule()
-            for r in out.preempted:
-                logging.info("%s preempted %s (KV cache full); recomputing it", inst.name, r.request_id)
-                self._enqueue(r)
+            self._requeue(inst, out.preempted)
             if out:
                 works = [seq_work(s, inst.blocks, now) for s in out.seqs]
                 launched.append((inst, out, [inst.runner.launch(mb) for mb in _split(works, inst.pp)]))
@@ -161,7 +173,42 @@ class DisaggEngine(EngineCoreBase):
                 elif inst.role == "prefill":
                     inst.scheduler.mark_prefilled(r)
                     self.migration_queue.append((r, inst))
+        for inst, current in ahead:
+            live, dropped = fetch_step(inst.runner, current)
+            self.num_discarded_rows += dropped
+            t = time.perf_counter()
+            for r, res in live:
+                ro, reason = apply_token(r, res, t, self.outputs)
+                outputs.append(ro)
+                if reason is not None:  # wherever it is now (a preempted one waits on a prefill instance)
+                    self._drop(r, FINISH_STATUS[reason])
+                    self.requests.pop(r.request_id, None)
         return outputs
+
+    def _decode_ahead(self, inst: Instance) -> InFlightStep | None:
+        """The decode step of `inst` to fetch in this engine step (launched now, or ahead in the
+        previous one), after launching the one that follows it."""
+        current, inst.inflight = inst.inflight, None
+        if current is not None and current.ended:
+            self.num_discarded_rows += len(current.rows)
+            current = None
+        if current is None:
+            current = self._launch_decode(inst, None)
+            if current is None:
+                return None
+        if not current.uses_penalties:
+            inst.inflight = self._launch_decode(inst, current)
+        return current
+
+    def _launch_decode(self, inst: Instance, prev: InFlightStep | None) -> InFlightStep | None:
+        out, step = launch_step(inst.scheduler, inst.blocks, inst.runner, prev)
+        self._requeue(inst, out.preempted)
+        return step
+
+    def _requeue(self, inst: Instance, preempted: list[Request]) -> None:
+        for r in preempted:
+            logging.info("%s preempted %s (KV cache full); recomputing it", inst.name, r.request_id)
+            self._enqueue(r)
 
     def _migrator(self, src: Instance, dst: Instance) -> KVMigrator:
         key = (src.name, dst.name)

@@ -25,10 +25,10 @@ from absl import logging
 
 from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
-from distserve_jax.runtime.model_runner import ModelRunner, PendingStep, RunnerConfig, SampleResult, SeqWork
+from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step
+from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SampleResult
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.sampling_params import SamplingParams
-from distserve_jax.scheduler.batch import ScheduledSeq, SchedulerOutput
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.policies import (ChunkedPrefillScheduler, PrefillFirstScheduler, Scheduler,
                                               SchedulerConfig)
@@ -55,7 +55,7 @@ class EngineConfig:
     fuse_projections: bool = True
     policy: str = "prefill_first"  # or "chunked"
     seed: int = 0
-    async_scheduling: bool = True  # launch step N+1 before fetching step N (LLMEngine)
+    async_scheduling: bool = True  # launch step N+1 before fetching step N (LLMEngine; pp=1 decode instances)
 
     def runner_config(self, model_max_len: int) -> RunnerConfig:
         shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(RunnerConfig)}
@@ -176,15 +176,6 @@ class EngineCoreBase:
         return bool(self.requests)
 
 
-@dataclasses.dataclass
-class _InFlight:
-    """A launched step whose tokens are not fetched yet."""
-
-    scheduled: SchedulerOutput
-    pending: PendingStep
-    rows: dict[int, int]  # id(request) -> its row, for the rows that sample a token
-
-
 class LLMEngine(EngineCoreBase):
     """Continuous-batching engine for one instance (tp devices, one mesh)."""
 
@@ -201,7 +192,7 @@ class LLMEngine(EngineCoreBase):
         self.blocks = BlockManager(self.runner.num_blocks, rc.block_size)
         self.scheduler = make_scheduler(config.policy, SchedulerConfig(
             config.max_num_seqs, config.max_num_batched_tokens), self.blocks)
-        self._inflight: _InFlight | None = None
+        self._inflight: InFlightStep | None = None
         self.num_discarded_rows = 0  # rows computed for requests that had ended meanwhile (launching ahead)
 
     # ---------------------------------------------------------------- requests
@@ -228,56 +219,28 @@ class LLMEngine(EngineCoreBase):
 
         Launches the next step (with `async_scheduling`) before fetching the current one's tokens.
         """
-        current = self._inflight
-        if current is not None and all(s.request.finished for s in current.scheduled.seqs):
+        current, self._inflight = self._inflight, None
+        if current is not None and current.ended:
             self.num_discarded_rows += len(current.rows)
-            current = None  # only rows of requests that have ended since: nothing to fetch
+            current = None
         if current is None:
             current = self._launch(None)
             if current is None:
                 if self.scheduler.waiting and not self.scheduler.running:
                     raise RuntimeError("no request can be scheduled although the cache is empty")
-                self._inflight = None
                 return []
-        self._inflight = None
-        if self.config.async_scheduling and not any(
-                w.sample and w.sampling.uses_penalties for w in current.pending.works):
+        if self.config.async_scheduling and not current.uses_penalties:
             self._inflight = self._launch(current)
-        return self._complete(current)
+        live, dropped = fetch_step(self.runner, current)
+        self.num_discarded_rows += dropped
+        now = time.perf_counter()
+        return [self._on_token(r, res, now) for r, res in live]
 
-    def _launch(self, prev: _InFlight | None) -> _InFlight | None:
-        """Schedules and launches a step; tokens `prev` samples are fed on the device."""
-        out = self.scheduler.schedule()
+    def _launch(self, prev: InFlightStep | None) -> InFlightStep | None:
+        out, step = launch_step(self.scheduler, self.blocks, self.runner, prev)
         for r in out.preempted:
             logging.info("preempted %s (KV cache full); it will be recomputed", r.request_id)
-        if not out:
-            return None
-        now = time.perf_counter()
-        works = [seq_work(s, self.blocks, now, prev.rows if prev else None) for s in out.seqs]
-        pending = self.runner.launch(works, prev.pending if prev else None)
-        self.scheduler.after_step(out)
-        rows = {}
-        for i, (s, w) in enumerate(zip(out.seqs, works)):
-            if w.sample:
-                s.request.num_inflight_tokens += 1
-                rows[id(s.request)] = i
-        return _InFlight(out, pending, rows)
-
-    def _complete(self, step: _InFlight) -> list[RequestOutput]:
-        """Fetches a launched step's tokens and hands them to their requests."""
-        results = self.runner.collect(step.pending)
-        now = time.perf_counter()
-        outputs = []
-        for s, res in zip(step.scheduled.seqs, results):
-            if res is None:
-                continue
-            r = s.request
-            r.num_inflight_tokens -= 1
-            if r.finished:  # it ended (stop, abort) while this step ran
-                self.num_discarded_rows += 1
-            else:
-                outputs.append(self._on_token(r, res, now))
-        return outputs
+        return step
 
     def _on_token(self, r: Request, res, now: float) -> RequestOutput:
         if r.decode_start is None:
@@ -291,28 +254,6 @@ class LLMEngine(EngineCoreBase):
     def warmup(self) -> int:
         modes = ("prefill", "decode") if self.config.policy == "prefill_first" else ("prefill", "decode", "mixed")
         return self.runner.warmup(modes)
-
-
-def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float, prev_rows: dict[int, int] | None = None) -> SeqWork:
-    """The runner's view of one scheduled sequence (stamps its prefill start).
-
-    A request whose last token is still in flight is fed it on the device, from its row in the
-    previous launched step (`prev_rows`: id(request) -> row).
-    """
-    r = s.request
-    if r.prefill_start is None:
-        r.prefill_start = now
-    start = r.num_computed_tokens
-    tokens, prev_row = r.all_token_ids[start:start + s.num_new_tokens], None
-    if r.num_inflight_tokens:
-        prev_row = (prev_rows or {}).get(id(r))
-        if prev_row is None or s.num_new_tokens != 1 or r.num_inflight_tokens != 1:
-            raise RuntimeError(f"request {r.request_id!r} has a token in flight outside the previous step")
-        tokens = [0]  # placeholder: the runner reads the token on the device
-    return SeqWork(token_ids=tokens, context_len=start,
-                   block_table=blocks.block_table(r.request_id), sampling=r.sampling, seed=r.seed,
-                   num_generated=len(r.output_token_ids) + r.num_inflight_tokens, sample=s.completes_prompt,
-                   prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids, prev_row=prev_row)
 
 
 def apply_token(r: Request, res: SampleResult, now: float, outputs: OutputProcessor

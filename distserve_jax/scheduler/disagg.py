@@ -92,7 +92,7 @@ class DecodeScheduler(Scheduler):
         self._evict(request)
 
     def schedule(self) -> SchedulerOutput:
-        seqs, preempted = self._reserve_decode_slots(list(self.running))
+        seqs, preempted = self._reserve_decode_slots([r for r in self.running if not r.reaches_max_tokens])
         return SchedulerOutput(seqs, preempted)
 
     def find(self, request_id: str) -> Request | None:

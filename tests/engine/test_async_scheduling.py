@@ -9,8 +9,10 @@ step that holds it is in flight. Also the runner's on-device token feed on its o
 import numpy as np
 import pytest
 
-from distserve_jax import SamplingParams
+from distserve_jax import LLM, SamplingParams
+from distserve_jax.engine.placement import InstanceSpec, Placement
 from distserve_jax.runtime.model_runner import SeqWork
+from distserve_jax.scheduler.block_manager import assert_all_free
 
 
 def _prompts(n, seed, lo=4, hi=40, vocab=256):
@@ -72,6 +74,29 @@ def test_launching_ahead_gives_the_same_outputs(make_llm, mode, num_blocks):
     assert ahead.engine.num_discarded_rows > discarded, "no row was computed after its request stopped"
     if num_blocks < 20:
         assert sum(o.metrics["num_preemptions"] for o in got) > 0, "nothing was preempted"
+
+
+def test_disaggregated_decode_launching_ahead_gives_the_same_outputs(make_llm, hf_checkpoint):
+    prompts = _prompts(8, seed=6)
+    ref_llm = make_llm("llama2", async_scheduling=False)
+    free = ref_llm.generate(prompt_token_ids=[prompts[1]], sampling_params=SamplingParams(
+        temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
+    params = _mixed_params(free.token_ids[9])
+    ref = ref_llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    # A small cache (6 usable blocks) so that decoding preempts, and requests go back to prefill.
+    placement = Placement((InstanceSpec(tp=1),), (InstanceSpec(tp=1),))
+    llm = LLM(str(hf_checkpoint("llama2")), placement=placement, max_model_len=256, num_blocks=7,
+              max_num_seqs=8, max_num_batched_tokens=256)
+    core = llm.engine
+    fed = _count_fed_rows(core.decode[0])
+    got = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    _assert_same_outputs(got, ref)
+    assert sum(fed) > 0 and core.num_discarded_rows > 0
+    assert sum(o.metrics["num_preemptions"] for o in got) > 0, "nothing was preempted"
+    assert not core.requests and not core.migration_queue and not core.pulls
+    for inst in core.instances:
+        assert not inst.scheduler.has_unfinished(), inst.name
+        assert_all_free(inst.blocks)
 
 
 def test_abort_while_a_step_is_in_flight_leaves_a_clean_cache(make_llm):
