@@ -19,6 +19,7 @@ import time
 from distserve_jax.runtime.model_runner import ModelRunner, PendingStep, SampleResult, SeqWork
 from distserve_jax.scheduler.batch import ScheduledSeq, SchedulerOutput
 from distserve_jax.scheduler.block_manager import BlockManager
+from distserve_jax.scheduler.policies import Scheduler
 from distserve_jax.scheduler.request import Request
 
 
@@ -63,7 +64,7 @@ def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float, prev_rows: dict[
                    prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids, prev_row=prev_row)
 
 
-def launch_step(scheduler, blocks: BlockManager, runner: ModelRunner, prev: InFlightStep | None
+def launch_step(scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner, prev: InFlightStep | None
                 ) -> tuple[SchedulerOutput, InFlightStep | None]:
     """Schedules a step on `scheduler` and launches it (None when nothing was scheduled).
 
