@@ -92,7 +92,7 @@ class DecodeScheduler(Scheduler):
         self._evict(request)
 
     def schedule(self) -> SchedulerOutput:
-        seqs, preempted = self._reserve_decode_slots([r for r in self.running if not r.reaches_max_tokens])
+        seqs, preempted = self._reserve_decode_slots(self._decode_candidates())
         return SchedulerOutput(seqs, preempted)
 
     def find(self, request_id: str) -> Request | None:
