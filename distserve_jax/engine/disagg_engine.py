@@ -28,7 +28,7 @@ import jax
 from absl import logging
 
 from distserve_jax.engine.llm_engine import FINISH_STATUS, EngineConfig, EngineCoreBase, apply_token
-from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step, seq_work
+from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step, next_to_fetch, seq_work
 from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.engine.placement import Placement
@@ -146,7 +146,9 @@ class DisaggEngine(EngineCoreBase):
         ahead = []
         for inst in self.decode:
             if self.config.async_scheduling and inst.pp == 1:
-                current = self._decode_ahead(inst)
+                current, inst.inflight, dropped = next_to_fetch(
+                    inst.inflight, lambda prev, inst=inst: self._launch_decode(inst, prev), ahead=True)
+                self.num_discarded_rows += dropped
                 if current is not None:
                     ahead.append((inst, current))
                 continue
@@ -184,21 +186,6 @@ class DisaggEngine(EngineCoreBase):
                     self._drop(r, FINISH_STATUS[reason])
                     self.requests.pop(r.request_id, None)
         return outputs
-
-    def _decode_ahead(self, inst: Instance) -> InFlightStep | None:
-        """The decode step of `inst` to fetch in this engine step (launched now, or ahead in the
-        previous one), after launching the one that follows it."""
-        current, inst.inflight = inst.inflight, None
-        if current is not None and current.ended:
-            self.num_discarded_rows += len(current.rows)
-            current = None
-        if current is None:
-            current = self._launch_decode(inst, None)
-            if current is None:
-                return None
-        if not current.uses_penalties:
-            inst.inflight = self._launch_decode(inst, current)
-        return current
 
     def _launch_decode(self, inst: Instance, prev: InFlightStep | None) -> InFlightStep | None:
         out, step = launch_step(inst.scheduler, inst.blocks, inst.runner, prev)

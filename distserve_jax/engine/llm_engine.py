@@ -25,7 +25,7 @@ from absl import logging
 
 from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
-from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step
+from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step, next_to_fetch
 from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SampleResult
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.sampling_params import SamplingParams
@@ -219,18 +219,12 @@ class LLMEngine(EngineCoreBase):
 
         Launches the next step (with `async_scheduling`) before fetching the current one's tokens.
         """
-        current, self._inflight = self._inflight, None
-        if current is not None and current.ended:
-            self.num_discarded_rows += len(current.rows)
-            current = None
+        current, self._inflight, dropped = next_to_fetch(self._inflight, self._launch, self.config.async_scheduling)
+        self.num_discarded_rows += dropped
         if current is None:
-            current = self._launch(None)
-            if current is None:
-                if self.scheduler.waiting and not self.scheduler.running:
-                    raise RuntimeError("no request can be scheduled although the cache is empty")
-                return []
-        if self.config.async_scheduling and not current.uses_penalties:
-            self._inflight = self._launch(current)
+            if self.scheduler.waiting and not self.scheduler.running:
+                raise RuntimeError("no request can be scheduled although the cache is empty")
+            return []
         live, dropped = fetch_step(self.runner, current)
         self.num_discarded_rows += dropped
         now = time.perf_counter()

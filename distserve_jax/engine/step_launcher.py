@@ -4,6 +4,8 @@ and from fetched samples back to their requests.
 Owns the bookkeeping of launching ahead (step N+1 launched before step N's tokens are fetched):
 - `launch_step` schedules and launches a step; a request whose last token is still in flight in
   `prev` is fed it on the device, and every sampled row becomes a token in flight.
+- `next_to_fetch` picks the step an engine fetches now (the one launched ahead last time, or a
+  new one) and launches the step after it, ahead.
 - `fetch_step` waits for a launched step and pairs each sampled token with its request, dropping
   the rows of requests that ended while the step ran (a stop, an abort).
 - `seq_work` turns one scheduled sequence into the runner's `SeqWork`.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 from distserve_jax.runtime.model_runner import ModelRunner, PendingStep, SampleResult, SeqWork
 from distserve_jax.scheduler.batch import ScheduledSeq, SchedulerOutput
@@ -83,6 +86,25 @@ def launch_step(scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner,
             s.request.num_inflight_tokens += 1
             rows[id(s.request)] = i
     return out, InFlightStep(out, pending, rows)
+
+
+def next_to_fetch(inflight: InFlightStep | None, launch: Callable[[InFlightStep | None], InFlightStep | None],
+                  ahead: bool) -> tuple[InFlightStep | None, InFlightStep | None, int]:
+    """(the step to fetch now, the step launched ahead of it, rows dropped).
+
+    The step to fetch is `inflight` (launched ahead last time), or a step launched now when there is
+    none or every request in it has ended (its rows are dropped unfetched). With `ahead`, the
+    following step is launched before returning, unless penalties need the current one's tokens
+    first. `launch(prev)` schedules and launches a step fed from `prev` (None: nothing scheduled).
+    """
+    dropped = 0
+    if inflight is not None and inflight.ended:
+        dropped, inflight = len(inflight.rows), None
+    current = inflight if inflight is not None else launch(None)
+    if current is None:
+        return None, None, dropped
+    nxt = launch(current) if ahead and not current.uses_penalties else None
+    return current, nxt, dropped
 
 
 def fetch_step(runner: ModelRunner, step: InFlightStep) -> tuple[list[tuple[Request, SampleResult]], int]:
