@@ -8,7 +8,7 @@ every finished output's `metrics` into a `metrics.RequestRecord`. The run is bou
 `max_duration_s` it aborts whatever is still running; those requests, and any that had not yet
 arrived, are recorded as never completing (they miss every SLO).
 
-A core is anything with the engine-core interface (`LLMEngine`, `DisaggEngine`): `add_request`,
+A core is anything with the engine-core interface (the `Controller`): `add_request`,
 `step`, `abort_request`, `has_unfinished_requests`, `requests`.
 """
 

@@ -49,7 +49,7 @@ def _free_port() -> int:
 
 
 def disaggregated_available() -> bool:
-    return importlib.util.find_spec("distserve_jax.engine.disagg_engine") is not None and \
+    return importlib.util.find_spec("distserve_jax.engine.controller") is not None and \
         importlib.util.find_spec("distserve_jax.engine.placement") is not None
 
 

@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from absl import logging
 
-from distserve_jax.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from distserve_jax.engine.async_engine import AsyncEngine, EngineDeadError, InstanceFailedError, QueueFullError
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.sampling_params import SamplingParams
 from serving.convert import InvalidRequest, Overloaded, Unavailable
@@ -120,7 +120,7 @@ class Frontend:
                 except QueueFullError as e:
                     self.metrics.rejected.labels(kind="overloaded").inc()
                     raise Overloaded(str(e)) from None
-                except EngineDeadError as e:
+                except (EngineDeadError, InstanceFailedError) as e:
                     raise Unavailable(str(e)) from None
                 except StopAsyncIteration:
                     raise Unavailable(f"request {rid} ended without output") from None
@@ -130,7 +130,10 @@ class Frontend:
                     yield out
                     if out.finished:
                         return
-                    out = await agen.__anext__()
+                    try:
+                        out = await agen.__anext__()
+                    except (EngineDeadError, InstanceFailedError) as e:
+                        raise Unavailable(str(e)) from None
         finally:
             if tracked:
                 self._track(rid, False)

@@ -1,8 +1,9 @@
 """Prometheus metrics of the server (`prometheus-client`, one registry per server).
 
 Owns: TTFT, TPOT, end-to-end, queueing and migration-time histograms; migrated bytes;
-requests by finish reason and rejections by kind; queue length, running requests and KV
-utilisation per instance (refreshed from `AsyncEngine.info()`); and SLO attainment over a
+requests by finish reason and rejections by kind; queue length, running requests, KV
+utilisation, busy fraction, liveness and a step-time histogram per instance (refreshed from
+`AsyncEngine.info()`, whose workers keep cumulative step-time bucket counts); and SLO attainment over a
 sliding window for each configured SLO. Attainment uses `distserve_jax.metrics.meets_slo`, so
 it means what the load generator and the simulator report. Requests the client aborted are left
 out of the window (they say nothing about the server's latency).
@@ -91,6 +92,12 @@ class ServingMetrics:
                                      ["slo"], registry=r)
         self.window_requests = prom.Gauge("distserve_slo_window_requests", "Requests in the SLO window.",
                                           registry=r)
+        self.busy = prom.Gauge("distserve_instance_busy_fraction", "Share of its uptime an instance spent in steps.",
+                               ["instance", "role"], registry=r)
+        self.alive = prom.Gauge("distserve_instance_alive", "1 while an instance serves, 0 after it failed.",
+                                ["instance", "role"], registry=r)
+        self._step_hist: dict[tuple[str, str], tuple[list[int], float]] = {}
+        r.register(_StepTimeCollector(self))
         self._window: collections.deque[tuple[float, RequestRecord]] = collections.deque()
         self._lock = threading.Lock()
         for name in self.slos:
@@ -140,7 +147,32 @@ class ServingMetrics:
             self.running.labels(**labels).set(int(inst.get("num_running") or 0))
             self.free_blocks.labels(**labels).set(free)
             self.kv_util.labels(**labels).set((total - free) / total if total else 0.0)
+            self.busy.labels(**labels).set(float(inst.get("busy_fraction") or 0.0))
+            self.alive.labels(**labels).set(1.0 if inst.get("alive", True) else 0.0)
+            if inst.get("step_time_buckets"):
+                self._step_hist[(labels["instance"], labels["role"])] = (
+                    [int(c) for c in inst["step_time_buckets"]], float(inst.get("step_time_sum") or 0.0))
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in the Prometheus text format, and its content type."""
         return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
+
+
+class _StepTimeCollector:
+    """Exposes `distserve_instance_step_seconds`, a histogram per instance, from the workers'
+    cumulative bucket counts (the last count is every step: the +Inf bucket)."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self._metrics = metrics
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        from distserve_jax.engine.messages import STEP_TIME_BUCKETS
+
+        fam = HistogramMetricFamily("distserve_instance_step_seconds", "Step time per instance.",
+                                    labels=["instance", "role"])
+        for (inst, role), (counts, total) in sorted(self._metrics._step_hist.items()):
+            bounds = [str(b) for b in STEP_TIME_BUCKETS] + ["+Inf"]
+            fam.add_metric([inst, role], list(zip(bounds, counts)), total)
+        yield fam

@@ -50,7 +50,8 @@ flags.DEFINE_integer("num_blocks", None, "KV blocks per instance (default: from 
 flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
 flags.DEFINE_integer("max_num_seqs", 64, "Most sequences in one step batch.")
 flags.DEFINE_integer("max_num_batched_tokens", 2048, "Token budget of one step.")
-flags.DEFINE_integer("tp", 1, "Tensor-parallel degree (colocated and chunked modes).")
+flags.DEFINE_integer("tp", 1, "Tensor-parallel degree of each replica (colocated and chunked modes).")
+flags.DEFINE_integer("replicas", 1, "Colocated or chunked replicas, each its own worker on its own tp devices.")
 flags.DEFINE_integer("seed", 0, "Engine seed (for requests without a seed).")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request message or body; larger ones get "
                      "INVALID_ARGUMENT / 400.")
@@ -102,6 +103,7 @@ def build_core(mode: str, model: str, placement_spec: str, warmup: bool, engine_
         placement = resolve_placement(placement_spec, len(jax.devices()))
     else:
         kwargs["tp"] = FLAGS.tp
+        kwargs["replicas"] = FLAGS.replicas
     logging.info("building the %s engine for %s on %d devices", mode, model, len(jax.devices()))
     core = factory_build_core(model, mode=mode, placement=placement, **kwargs)
     if warmup and hasattr(core, "warmup"):

@@ -1,7 +1,6 @@
 """`AsyncEngine`: streams outputs to asyncio callers while one background thread drives an engine core.
 
-The core (the single-instance `LLMEngine`, or the disaggregated engine) is only ever touched by
-the engine thread: `generate` and `abort` send it commands through a queue, and each request's
+The core (the `Controller` over its workers) is only ever touched by the engine thread: `generate` and `abort` send it commands through a queue, and each request's
 outputs come back through its own asyncio queue. A caller that stops iterating (client gone,
 task cancelled) aborts its request, so nothing it held stays allocated.
 """
@@ -17,6 +16,7 @@ from typing import Any, AsyncIterator, Callable, Protocol, Sequence
 
 from absl import logging
 
+from distserve_jax.engine.controller import EngineDeadError
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.sampling_params import SamplingParams
 
@@ -39,8 +39,8 @@ class QueueFullError(RuntimeError):
     """The engine already holds `max_queue` unfinished requests."""
 
 
-class EngineDeadError(RuntimeError):
-    """The engine thread stopped after an unexpected error; no request can be served."""
+class InstanceFailedError(RuntimeError):
+    """The instance serving a request failed; the request ended with this error (the engine serves on)."""
 
 
 class AsyncEngine:
@@ -68,7 +68,10 @@ class AsyncEngine:
     @classmethod
     def from_model(cls, model: str, *, mode: str = "disaggregated", placement: Any = None, max_queue: int | None = None,
                    **kwargs) -> "AsyncEngine":
-        """Builds the engine core for `mode` (disaggregated / colocated / chunked) and wraps it."""
+        """Builds the engine core for `mode` (disaggregated / colocated / chunked) and wraps it.
+
+        `kwargs` go to `factory.build_core`: `tp`, `replicas`, `devices`, `executor` and `EngineConfig` fields.
+        """
         from distserve_jax.engine.factory import build_core
         return cls(build_core(model, mode=mode, placement=placement, **kwargs), max_queue=max_queue)
 
@@ -102,6 +105,9 @@ class AsyncEngine:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
+                if item.finish_reason == "error":
+                    finished = True
+                    raise InstanceFailedError(item.error or "the instance serving this request failed")
                 yield item
                 if item.finished:
                     finished = True
@@ -151,7 +157,13 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(q.put_nowait, RequestOutput(rid, [], [], [], "", "", True, "abort"))
         self._stop = True
         self._wake.set()
+        wake = getattr(self.core, "wake", None)
+        if wake is not None:
+            wake()
         self._thread.join(timeout)
+        close = getattr(self.core, "shutdown", None)
+        if close is not None:
+            close()
 
     # ------------------------------------------------------------ engine thread
     def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
@@ -164,6 +176,9 @@ class AsyncEngine:
             return fut
         self._commands.put((fn, fut))
         self._wake.set()
+        wake = getattr(self.core, "wake", None)
+        if wake is not None:
+            wake()
         return fut
 
     def _run_commands(self) -> None:

@@ -8,7 +8,7 @@ import jax
 from tqdm import tqdm
 
 from distserve_jax.engine.factory import build_core
-from distserve_jax.engine.llm_engine import validate_prompt
+from distserve_jax.engine.validation import validate_prompt
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.sampling_params import SamplingParams
 

@@ -19,7 +19,8 @@ class RequestOutput:
 
     `new_token_ids` / `text_delta` hold what this step added; `token_ids` / `text` the whole
     output so far. `logprobs` (when asked) has one dict token id -> logprob per generated token.
-    `metrics` (timestamps, a dict) is set on the final output.
+    `metrics` (timestamps, a dict) is set on the final output. `finish_reason` is "stop", "length",
+    "abort", or "error" (with `error` saying why).
     """
 
     request_id: str
@@ -32,6 +33,7 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
     metrics: dict[str, Any] | None = None
+    error: str | None = None  # why, when finish_reason is "error" (the instance serving it failed)
 
 
 class OutputProcessor:

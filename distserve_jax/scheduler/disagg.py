@@ -7,17 +7,16 @@
 - `DecodeScheduler`: continuous batching of the requests pulled into this instance, under the
   batch size and KV capacity; a full cache preempts the newest request (the engine sends it back
   to prefill for recomputation). It accepts a pull only with room for it and a short queue.
-- `pick_prefill` / `pick_decode`: instance choice (shortest queue in tokens; least loaded with room).
+Which instance a request goes to is the controller's choice (`routing`).
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 from distserve_jax.scheduler.batch import SchedulerOutput
 from distserve_jax.scheduler.policies import Scheduler, SchedulerConfig
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.request import Request, RequestStatus
+from distserve_jax.scheduler.routing import tokens_to_accept
 
 
 class PrefillScheduler(Scheduler):
@@ -67,9 +66,11 @@ class DecodeScheduler(Scheduler):
         return len(self.running) + len(self.incoming)
 
     def can_accept(self, request: Request) -> bool:
-        """Room for the request's KV plus one block of growth, a free batch slot, and a short queue."""
+        """A free batch slot, a short pull queue, and room for the request's KV plus one block of
+        growth (capped at the most the request can ever hold: `routing.tokens_to_accept`)."""
+        need = tokens_to_accept(request.num_computed_tokens, request.max_num_tokens, self.blocks.block_size)
         return (self.load < self.config.max_num_seqs and len(self.incoming) < self.max_inflight_pulls
-                and self.blocks.can_fit(request.num_computed_tokens + self.blocks.block_size))
+                and self.blocks.can_fit(need))
 
     def begin_pull(self, request: Request) -> list[int]:
         """Reserves blocks for an incoming request; returns its block table here."""
@@ -98,15 +99,3 @@ class DecodeScheduler(Scheduler):
     def find(self, request_id: str) -> Request | None:
         return super().find(request_id) or next((r for r in self.incoming if r.request_id == request_id), None)
 
-
-def pick_prefill(schedulers: Sequence[PrefillScheduler]) -> int:
-    """Index of the prefill instance with the fewest tokens queued (first on ties)."""
-    return min(range(len(schedulers)), key=lambda i: (schedulers[i].queued_tokens(), i))
-
-
-def pick_decode(schedulers: Sequence[DecodeScheduler], request: Request) -> int | None:
-    """Index of the least loaded decode instance that can accept `request`, or None."""
-    ok = [i for i, s in enumerate(schedulers) if s.can_accept(request)]
-    if not ok:
-        return None
-    return min(ok, key=lambda i: (schedulers[i].load, -schedulers[i].blocks.num_free, i))

@@ -73,6 +73,11 @@ class Request:
         return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_inflight_tokens
 
     @property
+    def max_num_tokens(self) -> int:
+        """The most tokens (prompt and output) the request can ever have."""
+        return len(self.prompt_token_ids) + self.max_tokens
+
+    @property
     def reaches_max_tokens(self) -> bool:
         """True when the tokens generated so far (in flight included) end the request by length."""
         return len(self.output_token_ids) + self.num_inflight_tokens >= self.max_tokens

@@ -3,7 +3,7 @@
 import pytest
 
 from distserve_jax import LLM
-from distserve_jax.scheduler.block_manager import assert_all_free
+from tests.engine.engine_checks import assert_engine_empty
 
 _LIVE: list[LLM] = []
 
@@ -24,6 +24,8 @@ def make_llm(hf_checkpoint):
         return cache[key]
 
     yield make
+    for llm in cache.values():
+        llm.engine.shutdown()
     _LIVE.clear()
 
 
@@ -31,7 +33,4 @@ def make_llm(hf_checkpoint):
 def no_kv_blocks_held_after_test():
     yield
     for llm in _LIVE:
-        eng = llm.engine
-        assert not eng.requests, f"requests left in the engine: {sorted(eng.requests)}"
-        assert not eng.scheduler.has_unfinished()
-        assert_all_free(eng.blocks)
+        assert_engine_empty(llm.engine)

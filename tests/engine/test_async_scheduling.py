@@ -12,7 +12,7 @@ import pytest
 from distserve_jax import LLM, SamplingParams
 from distserve_jax.engine.placement import InstanceSpec, Placement
 from distserve_jax.runtime.model_runner import SeqWork
-from distserve_jax.scheduler.block_manager import assert_all_free
+from tests.engine.engine_checks import assert_engine_empty, worker
 
 
 def _prompts(n, seed, lo=4, hi=40, vocab=256):
@@ -20,15 +20,15 @@ def _prompts(n, seed, lo=4, hi=40, vocab=256):
     return [[int(t) for t in rng.integers(3, vocab, int(rng.integers(lo, hi)))] for _ in range(n)]
 
 
-def _count_fed_rows(engine) -> list[int]:
-    """Wraps the runner's launch; the returned list fills with each launch's number of fed rows."""
-    counts, launch = [], engine.runner.launch
+def _count_fed_rows(w) -> list[int]:
+    """Wraps a worker's runner's launch; the returned list fills with each launch's number of fed rows."""
+    counts, launch = [], w.runner.launch
 
     def counting(works, prev=None):
         counts.append(sum(w.prev_row is not None for w in works))
         return launch(works, prev)
 
-    engine.runner.launch = counting
+    w.runner.launch = counting
     return counts
 
 
@@ -65,7 +65,7 @@ def test_launching_ahead_gives_the_same_outputs(make_llm, mode, num_blocks):
         temperature=0.0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0]
     params = _mixed_params(free.token_ids[9])
     ref = sync.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    fed = _count_fed_rows(ahead.engine)
+    fed = _count_fed_rows(worker(ahead.engine))
     discarded = ahead.engine.num_discarded_rows
     got = ahead.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     _assert_same_outputs(got, ref)
@@ -88,29 +88,29 @@ def test_disaggregated_decode_launching_ahead_gives_the_same_outputs(make_llm, h
     llm = LLM(str(hf_checkpoint("llama2")), placement=placement, max_model_len=256, num_blocks=7,
               max_num_seqs=8, max_num_batched_tokens=256)
     core = llm.engine
-    fed = _count_fed_rows(core.decode[0])
+    fed = _count_fed_rows(worker(core, "decode-0"))
     got = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     _assert_same_outputs(got, ref)
     assert sum(fed) > 0 and core.num_discarded_rows > 0
     assert sum(o.metrics["num_preemptions"] for o in got) > 0, "nothing was preempted"
-    assert not core.requests and not core.migration_queue and not core.pulls
-    for inst in core.instances:
-        assert not inst.scheduler.has_unfinished(), inst.name
-        assert_all_free(inst.blocks)
+    assert_engine_empty(core)
+    core.shutdown()
 
 
 def test_abort_while_a_step_is_in_flight_leaves_a_clean_cache(make_llm):
     sync = make_llm("llama2", async_scheduling=False)
-    ahead = make_llm("llama2")
+    ahead = make_llm("llama2", start_workers=False)  # one worker turn per step(): deterministic
     eng = ahead.engine
+    w = worker(eng)
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     eng.add_request("doomed", prompt_token_ids=_prompts(1, seed=9, lo=30, hi=31)[0], params=long)
     for _ in range(3):
         eng.step()
-    assert eng._inflight is not None and eng.blocks.num_used > 0
+    assert w.inflight is not None and w.blocks.num_used > 0
     out = eng.abort_request("doomed")
     assert out.finish_reason == "abort" and len(out.token_ids) == 3
-    assert eng.blocks.num_used == 0
+    eng.quiesce()  # the worker applies the abort
+    assert w.blocks.num_used == 0
     # The freed blocks go to new requests; the step still in flight must not disturb them.
     prompts = _prompts(3, seed=10, lo=20, hi=40)
     ref = sync.generate(prompt_token_ids=prompts, sampling_params=long, use_tqdm=False)
@@ -119,7 +119,7 @@ def test_abort_while_a_step_is_in_flight_leaves_a_clean_cache(make_llm):
 
 
 def test_runner_feeds_the_previous_steps_tokens_on_the_device(make_llm):
-    runner = make_llm("llama2", async_scheduling=False).engine.runner
+    runner = worker(make_llm("llama2", async_scheduling=False).engine).runner
     greedy = SamplingParams(temperature=0.0, logprobs=1)
     prompts = _prompts(2, seed=12, lo=10, hi=30)
     tables = [[1, 2, 3], [4, 5, 6]]

@@ -5,11 +5,9 @@ import numpy as np
 import pytest
 
 from distserve_jax import LLM, SamplingParams
-from distserve_jax.engine.disagg_engine import DisaggEngine
-from distserve_jax.engine.llm_engine import EngineConfig
-from distserve_jax.engine.model_source import resolve_model
+from distserve_jax.engine.factory import build_core
 from distserve_jax.engine.placement import InstanceSpec, Placement
-from distserve_jax.scheduler.block_manager import assert_all_free
+from tests.engine.engine_checks import assert_engine_empty, held, worker
 
 KW = dict(max_model_len=160, num_blocks=80, max_num_seqs=8, max_num_batched_tokens=64)
 PLACEMENTS = {
@@ -17,19 +15,6 @@ PLACEMENTS = {
     "P(tp4)+D(tp2,pp2)": Placement((InstanceSpec(tp=4),), (InstanceSpec(tp=2, pp=2),)),
     "2xP(tp1)+D(tp2)": Placement((InstanceSpec(tp=1), InstanceSpec(tp=1)), (InstanceSpec(tp=2),)),
 }
-
-
-def assert_engine_empty(core):
-    assert not core.requests, sorted(core.requests)
-    if isinstance(core, DisaggEngine):
-        assert not core.migration_queue and not core.pulls
-        for inst in core.instances:
-            assert not inst.scheduler.has_unfinished(), inst.name
-            assert inst.blocks.num_free == inst.blocks.num_total, inst.name
-            assert_all_free(inst.blocks)
-    else:
-        assert not core.scheduler.has_unfinished()
-        assert_all_free(core.blocks)
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +64,8 @@ def test_baselines_match_single_device(mode, workload):
 
 
 def _disagg(model, **kw):
-    cfg = EngineConfig(**{**KW, **kw})
-    return DisaggEngine(resolve_model(model), placement=PLACEMENTS["P(tp2)+D(tp1)"], config=cfg)
-
-
-def _held(core, rid):
-    return [i.name for i in core.instances if i.blocks.has(rid)]
+    """P(tp2)+D(tp1) whose workers take one turn each per `step()` (deterministic lifecycles)."""
+    return build_core(model, placement=PLACEMENTS["P(tp2)+D(tp1)"], start_workers=False, **{**KW, **kw})
 
 
 def test_abort_at_every_lifecycle_stage(workload):
@@ -94,38 +75,36 @@ def test_abort_at_every_lifecycle_stage(workload):
     # Queued on the prefill instance.
     core.add_request("queued", prompt_token_ids=ids[0], params=p)
     assert core.abort_request("queued").finish_reason == "abort"
-    # Mid-migration: prefilled in step 1, pull started in step 2 and not yet completed.
+    # Mid-migration: prefilled in step 1 and a pull asked of the decode worker, which has begun it
+    # (its blocks are reserved) but not landed it.
     core.add_request("migrating", prompt_token_ids=ids[1], params=p)
     core.step()
-    assert core.requests["migrating"].status.value == "waiting_migration"
-    core.step()
     assert core.requests["migrating"].status.value == "migrating"
-    assert _held(core, "migrating") == ["prefill-0", "decode-0"]
+    assert held(core, "migrating") == ["prefill-0", "decode-0"]
     core.abort_request("migrating")
-    assert _held(core, "migrating") == []
+    assert held(core, "migrating") == []
     # Decoding, and waiting to migrate while the decode instance is full (max_num_seqs=2).
     for rid, prompt in (("d1", ids[2]), ("d2", ids[3]), ("waiting", ids[4])):
         core.add_request(rid, prompt_token_ids=prompt, params=p)
     for _ in range(4):
         core.step()
-    assert core.requests["d1"].status.value == "running" and _held(core, "d1") == ["decode-0"]
+    assert core.requests["d1"].status.value == "running" and held(core, "d1") == ["decode-0"]
     assert core.requests["waiting"].status.value == "waiting_migration"
-    assert _held(core, "waiting") == ["prefill-0"]
+    assert held(core, "waiting") == ["prefill-0"]
     core.abort_request("waiting")
     core.abort_request("d1")
-    assert _held(core, "waiting") == [] and _held(core, "d1") == []
+    assert held(core, "waiting") == [] and held(core, "d1") == []
     while core.has_unfinished_requests():
         core.step()
     assert_engine_empty(core)
 
 
 def test_abort_mid_chunked_prefill(workload):
-    llm = LLM(workload[0], mode="chunked", **KW)
-    eng = llm.engine
+    eng = build_core(workload[0], mode="chunked", start_workers=False, **KW)
     long_prompt = [5] * 150  # three 64-token chunks
     eng.add_request("long", prompt_token_ids=long_prompt, params=SamplingParams(max_tokens=4))
     eng.step()
-    r = eng.requests["long"]
+    (r,) = worker(eng).requests.values()
     assert 0 < r.num_computed_tokens < len(long_prompt)
     eng.abort_request("long")
     assert_engine_empty(eng)
@@ -136,9 +115,8 @@ def test_decode_preemption_recomputes_on_prefill(workload):
     p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     batch = prompts[:6]
     ref = LLM(model, **KW).generate(prompt_token_ids=batch, sampling_params=p, use_tqdm=False)
-    core = _disagg(model, num_blocks=9)  # 8 usable blocks on the decode instance: forces preemption
-    llm = LLM.__new__(LLM)
-    llm.engine, llm.spec, llm._counter = core, core.spec, 0
+    llm = LLM(model, placement=PLACEMENTS["P(tp2)+D(tp1)"], **{**KW, "num_blocks": 9})  # 8 usable blocks:
+    core = llm.engine  # decoding preempts
     got = llm.generate(prompt_token_ids=batch, sampling_params=p, use_tqdm=False)
     assert [g.token_ids for g in got] == [r.token_ids for r in ref]
     assert sum(g.metrics["num_preemptions"] for g in got) > 0
@@ -172,8 +150,7 @@ def test_timestamps_are_ordered(workload):
 ])
 def test_impossible_placements_are_refused(placement, msg, workload):
     with pytest.raises(ValueError, match=msg.replace("(", "\\(").replace(")", "\\)").replace("+", "\\+")):
-        DisaggEngine(resolve_model(workload[0]), placement=placement,
-                     config=EngineConfig(**KW))
+        build_core(workload[0], placement=placement, **KW)
 
 
 def test_placement_file_errors(tmp_path):

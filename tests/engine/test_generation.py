@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from distserve_jax import SamplingParams
-from distserve_jax.engine.llm_engine import EngineConfig
+from distserve_jax.engine.config import EngineConfig
+from tests.engine.engine_checks import worker
 from distserve_jax.runtime.model_runner import RunnerConfig
 from distserve_jax.runtime import compile_counter
 from tests.hf_checkpoints import VARIANTS, hf_greedy_generate
@@ -47,8 +48,8 @@ def test_separate_projections_give_the_same_tokens_as_fused(make_llm):
     prompts = _prompts(3, seed=4, lo=5, hi=40)
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     fused, separate = make_llm("llama3"), make_llm("llama3", fuse_projections=False)
-    assert "qkv_proj" in fused.engine.runner.stages[0].params["layers_0"]["self_attn"]
-    assert "q_proj" in separate.engine.runner.stages[0].params["layers_0"]["self_attn"]
+    assert "qkv_proj" in worker(fused.engine).runner.stages[0].params["layers_0"]["self_attn"]
+    assert "q_proj" in worker(separate.engine).runner.stages[0].params["layers_0"]["self_attn"]
     got = [o.token_ids for o in separate.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)]
     assert got == [o.token_ids for o in fused.generate(prompt_token_ids=prompts, sampling_params=params,
                                                        use_tqdm=False)]

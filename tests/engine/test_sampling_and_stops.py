@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from distserve_jax import SamplingParams
+from tests.engine.engine_checks import worker
 
 
 def _ids(n, seed):
@@ -125,8 +126,9 @@ def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(make_llm):
     # A bad prompt in a batch rejects the batch before anything is queued.
     with pytest.raises(ValueError, match="prompt 1: prompt is empty"):
         llm.generate(prompt_token_ids=[[5, 6], []], sampling_params=ok, use_tqdm=False)
-    # Mid-stream: a bad request next to a running one does not disturb it.
-    eng = llm.engine
+    # Mid-stream: a bad request next to a running one does not disturb it (workers stepped one
+    # turn per step(), so "good" is still running when the bad ones come).
+    eng = make_llm("llama2", start_workers=False).engine
     eng.add_request("good", prompt_token_ids=_ids(6, 5), params=ok)
     eng.step()
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -140,19 +142,21 @@ def test_bad_prompts_are_rejected_and_the_engine_keeps_serving(make_llm):
 
 
 def test_abort_frees_blocks_at_every_stage(make_llm):
-    llm = make_llm("llama2")
+    llm = make_llm("llama2", start_workers=False)  # one worker turn per step()
     eng = llm.engine
+    blocks = worker(eng).blocks
     p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     eng.add_request("queued", prompt_token_ids=_ids(5, 6), params=p)
     assert eng.abort_request("queued").finish_reason == "abort"
     eng.add_request("running", prompt_token_ids=_ids(5, 7), params=p)
     eng.step()
     eng.step()
-    assert eng.blocks.num_used > 0
+    assert blocks.num_used > 0
     out = eng.abort_request("running")
     assert out.finish_reason == "abort" and len(out.token_ids) >= 1
     assert eng.abort_request("running") is None
-    assert eng.blocks.num_used == 0
+    eng.quiesce()  # the worker applies the abort
+    assert blocks.num_used == 0
 
 
 def test_repetition_penalty_matches_transformers(make_llm, hf_checkpoint):

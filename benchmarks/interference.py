@@ -1,0 +1,119 @@
+"""Prefill-decode interference (benchmark CLI): a decode stream's token gaps while long prompts prefill.
+
+One request decodes on the decode instance of P(tp1)+D(tp1) (`--stream_tokens` new tokens). After
+`--unloaded_tokens` of its tokens, long prompts (`--prompt_len` random tokens, max_tokens=1) are
+prefilled one after another on the prefill instance, each queued when the one before has produced
+its token, `--num_prefills` of them. The stream's gaps (time between consecutive tokens, from the
+engine's token timestamps) are split into the unloaded ones and those that overlap a prefill
+(from its prefill_start to its first token). It prints the median and p95 of each, the median
+prefill time, and the two ratios the design is judged on: p95 overlapping gap / prefill time, and
+median overlapping gap / median unloaded gap.
+
+The same script runs against any engine core with the `add_request` / `step` / `requests` interface,
+so the coupled engine of an older commit can be measured with it too.
+
+Example:
+  python -m benchmarks.interference --model=demo --prompt_len=1500 --num_prefills=6
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    + ["--xla_force_host_platform_device_count=2"])
+
+import json
+import platform
+import time
+
+import numpy as np
+from absl import app, flags
+
+from distserve_jax import LLM, SamplingParams
+from distserve_jax.engine.placement import InstanceSpec, Placement
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "demo", "Named config in configs/models/ or a checkpoint directory.")
+flags.DEFINE_integer("prompt_len", 1500, "Tokens of each long prompt.")
+flags.DEFINE_integer("num_prefills", 6, "Long prompts prefilled one after another.")
+flags.DEFINE_integer("unloaded_tokens", 150, "Stream tokens before the first long prompt (the unloaded gaps).")
+flags.DEFINE_integer("stream_tokens", 4000, "Most tokens the stream generates (it is aborted at the end).")
+flags.DEFINE_integer("seed", 0, "Seed for the prompts.")
+flags.DEFINE_string("out", None, "Write the gaps and the summary as JSON here.")
+
+
+def _pct(xs, q):
+    return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
+
+
+def measure(core, vocab: int) -> dict:
+    rng = np.random.default_rng(FLAGS.seed)
+    stream = SamplingParams(temperature=0.0, max_tokens=FLAGS.stream_tokens, ignore_eos=True)
+    core.add_request("stream", prompt_token_ids=[int(t) for t in rng.integers(3, vocab, 16)], params=stream)
+    got = 0
+    while got < FLAGS.unloaded_tokens:
+        got += sum(len(o.new_token_ids) for o in core.step() if o.request_id == "stream")
+    prefills = []
+    for i in range(FLAGS.num_prefills):
+        rid = f"long-{i}"
+        core.add_request(rid, prompt_token_ids=[int(t) for t in rng.integers(3, vocab, FLAGS.prompt_len)],
+                         params=SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        done = None
+        while done is None:
+            for o in core.step():
+                if o.request_id == rid and o.finished:
+                    done = o
+        m = done.metrics
+        prefills.append((m["prefill_start"], m["first_token_time"]))
+    # A few more stream tokens after the last prefill, then stop it.
+    deadline = time.perf_counter() + 0.2
+    while time.perf_counter() < deadline:
+        core.step()
+    times = list(core.requests["stream"].token_times)
+    core.abort_request("stream")
+    first_prefill = prefills[0][0]
+    gaps = [(a, b) for a, b in zip(times, times[1:])]
+    unloaded = [b - a for a, b in gaps if b < first_prefill]
+    overlap = [b - a for a, b in gaps if any(a < e and b > s for s, e in prefills)]
+    prefill_s = [e - s for s, e in prefills]
+    return {"unloaded_gap_median_ms": 1e3 * _pct(unloaded, 50), "unloaded_gap_p95_ms": 1e3 * _pct(unloaded, 95),
+            "overlap_gap_median_ms": 1e3 * _pct(overlap, 50), "overlap_gap_p95_ms": 1e3 * _pct(overlap, 95),
+            "overlap_gap_max_ms": 1e3 * max(overlap, default=float("nan")),
+            "num_unloaded_gaps": len(unloaded), "num_overlap_gaps": len(overlap),
+            "prefill_median_ms": 1e3 * _pct(prefill_s, 50),
+            "p95_overlap_over_prefill": _pct(overlap, 95) / _pct(prefill_s, 50),
+            "median_overlap_over_unloaded": _pct(overlap, 50) / _pct(unloaded, 50),
+            "gaps_ms": [1e3 * (b - a) for a, b in gaps], "prefills": prefills}
+
+
+def main(argv):
+    del argv
+    placement = Placement((InstanceSpec(tp=1),), (InstanceSpec(tp=1),))
+    llm = LLM(FLAGS.model, placement=placement, max_model_len=max(2048, FLAGS.prompt_len + 64),
+              max_num_batched_tokens=max(2048, FLAGS.prompt_len), max_num_seqs=8)
+    core = llm.engine
+    vocab = llm.spec.config.vocab_size
+    core.warmup()
+    res = measure(core, vocab)
+    if hasattr(core, "shutdown"):
+        core.shutdown()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    print(f"machine: {cpu}, {os.cpu_count()} cores; model {FLAGS.model}, P(tp1)+D(tp1), "
+          f"{FLAGS.num_prefills} prefills of {FLAGS.prompt_len} tokens")
+    print(f"prefill time (median):           {res['prefill_median_ms']:8.1f} ms")
+    print(f"unloaded gap   median / p95:     {res['unloaded_gap_median_ms']:8.2f} / {res['unloaded_gap_p95_ms']:.2f} ms"
+          f"  ({res['num_unloaded_gaps']} gaps)")
+    print(f"overlapping gap median / p95:    {res['overlap_gap_median_ms']:8.2f} / {res['overlap_gap_p95_ms']:.2f} ms"
+          f"  (max {res['overlap_gap_max_ms']:.1f} ms, {res['num_overlap_gaps']} gaps)")
+    print(f"p95 overlapping gap / prefill:   {res['p95_overlap_over_prefill']:8.3f}  (target <= 0.3)")
+    print(f"median overlapping / unloaded:   {res['median_overlap_over_unloaded']:8.2f}  (target <= 2)")
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(res, f)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,373 @@
+"""The controller: the request table between the front end and the workers.
+
+It validates requests, routes them (prefill: the worker with the fewest tokens queued; decode:
+the least loaded worker with room, `scheduler.routing`), keeps the migration queue (FCFS), turns
+the workers' tokens into `RequestOutput`s (detokenizing and stop checks happen here, once), and
+ends requests wherever they are (stop, length, abort, a failed worker). It talks to the workers
+only by messages (`messages`) through an executor (`send`, `poll`, `wake`), so the same controller
+drives threads, processes or a simulation, and it reads time only from the clock it is given.
+
+    front end (LLM / AsyncEngine)
+        |  add_request / abort_request / step
+    Controller --Admit--> prefill workers --Token, Prefilled--> Controller
+        |                                                        |
+        +--Pull(source, blocks)--> decode workers <--KV pull-- prefill worker
+                                   |--Token, Pulled, Preempted--> Controller --Release--> prefill
+
+Colocated and chunked replicas are workers of role "colocated": `Admit` only, no migration.
+
+A failed worker (`WorkerFailed`) fails the requests it held (finish_reason "error", its error in
+`RequestOutput.error`); the engine keeps serving on the rest. When no worker is left for a phase,
+`step()` raises `EngineDeadError`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from absl import logging
+
+from distserve_jax.engine import messages as m
+from distserve_jax.engine.model_source import ModelSpec
+from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
+from distserve_jax.engine.validation import build_request
+from distserve_jax.sampling_params import SamplingParams
+from distserve_jax.scheduler.request import Request, RequestStatus
+from distserve_jax.scheduler.routing import blocks_for, pick_decode, pick_prefill, tokens_to_accept
+
+_FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
+                  "abort": RequestStatus.FINISHED_ABORTED, "error": RequestStatus.FINISHED_ABORTED}
+
+
+class EngineDeadError(RuntimeError):
+    """The engine cannot serve any request (its loop stopped, or no worker is left for a phase)."""
+
+
+@dataclasses.dataclass
+class _Tracked:
+    req: Request  # the controller's record: outputs, timestamps, status
+    key: str  # the id in messages (unique per add, so a reused request id never meets stale events)
+    holders: set[str] = dataclasses.field(default_factory=set)  # workers that may hold its state
+    queued_at: str | None = None  # prefill worker it is queued at (counted in its queued tokens)
+    queued_tokens: int = 0
+    source: str | None = None  # prefill worker holding its KV after the prefill
+    source_blocks: tuple[int, ...] = ()
+    num_computed_tokens: int = 0
+
+
+class Controller:
+    """Engine core over workers (the `EngineCore` interface of `AsyncEngine` and `LLM`).
+
+    Args:
+      spec: the model (tokenizer, config).
+      executor: hosts the workers (`send(name, cmd)`, `poll(timeout)`, `wake()`, `shutdown()`).
+      roles: worker name -> "prefill", "decode" or "colocated".
+      max_model_len: the context length.
+      mode, placement: what `info()` reports.
+      seed: for request seeds not given.
+      clock: seconds; `time.perf_counter` for real workers, a virtual clock in simulation.
+    """
+
+    def __init__(self, spec: ModelSpec, executor: Any, roles: dict[str, str], *, max_model_len: int,
+                 mode: str, placement: str, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
+                 poll_timeout: float = 0.05):
+        self.spec, self.executor, self.roles = spec, executor, dict(roles)
+        self.mode, self.placement = mode, placement
+        self.max_model_len = max_model_len
+        self.clock, self.poll_timeout = clock, poll_timeout
+        tok = spec.tokenizer
+        eos = tok.eos_token_ids if tok is not None and tok.eos_token_ids else spec.config.eos_token_ids
+        self.outputs = OutputProcessor(tok, tuple(eos), max_model_len)
+        self.requests: dict[str, Request] = {}
+        self._tracked: dict[str, _Tracked] = {}  # key -> request
+        self._key_of: dict[str, str] = {}  # request id -> key
+        self._rng = np.random.default_rng(seed)
+        self._next_id = 0
+        self._keys = itertools.count()
+        self._sync_tokens = itertools.count()
+        self._synced: dict[int, dict[str, m.Synced]] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self.loads: dict[str, m.WorkerLoad] = {}
+        self._refused: set[str] = set()  # decode workers that refused a pull since their last Status
+        self._queued = {n: 0 for n, r in roles.items() if r != "decode"}
+        self.migration_queue: collections.deque[_Tracked] = collections.deque()
+        self.migrated_bytes = 0
+        self.migration_seconds: list[float] = []
+        self.failures: list[tuple[str, str]] = []  # (worker, error)
+        self._dead: EngineDeadError | None = None
+        self.quiesce()  # every worker's first report: sizes for validation and routing
+
+    # ------------------------------------------------------------ requests
+    @property
+    def prefill_workers(self) -> list[str]:
+        return [n for n, r in self.roles.items() if r != "decode"]
+
+    @property
+    def decode_workers(self) -> list[str]:
+        return [n for n, r in self.roles.items() if r == "decode"]
+
+    def _max_kv_tokens(self) -> int:
+        return min((ld.total_blocks * ld.block_size for ld in self.loads.values() if ld.alive), default=0)
+
+    def add_request(self, request_id: str | None = None, prompt: str | None = None,
+                    prompt_token_ids: Sequence[int] | None = None, params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> Request:
+        """Validates and queues a request; raises ValueError (naming the problem) and queues nothing on bad input."""
+        if self._dead is not None:
+            raise self._dead
+        if request_id is None:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        req = build_request(self.spec, self.max_model_len, self._max_kv_tokens(), self._rng, request_id,
+                            prompt, prompt_token_ids, params, self.clock() if arrival_time is None else arrival_time)
+        tr = _Tracked(req, f"{request_id}@{next(self._keys)}")
+        self.requests[request_id] = req
+        self._tracked[tr.key] = tr
+        self._key_of[request_id] = tr.key
+        self.outputs.add(request_id, req.prompt_token_ids, req.sampling)
+        self._admit(tr)
+        return req
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stops a request wherever it is and frees everything it holds; None if unknown or finished."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        tr = self._tracked[self._key_of[request_id]]
+        self._end(tr, "abort")
+        req.finish_time = self.clock()
+        return self.outputs.final_abort(request_id, req.prompt_token_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending_outputs)
+
+    def wake(self) -> None:
+        """Ends a `step()` that waits for events (the front end has a command for the controller)."""
+        self.executor.wake()
+
+    def _state(self, tr: _Tracked, num_computed: int) -> m.RequestState:
+        r = tr.req
+        return m.RequestState(tr.key, tuple(r.prompt_token_ids), tuple(r.output_token_ids), r.sampling, r.seed,
+                              r.max_tokens, r.arrival_time, num_computed, r.num_preemptions)
+
+    def _admit(self, tr: _Tracked) -> None:
+        names = self.prefill_workers
+        i = pick_prefill([self._queued[n] for n in names], [self.loads[n].alive for n in names])
+        if i is None:
+            self._end(tr, "error", "no prefill worker is alive")
+            return
+        name = names[i]
+        tr.queued_at, tr.queued_tokens = name, tr.req.num_tokens
+        self._queued[name] += tr.queued_tokens
+        tr.holders.add(name)
+        tr.req.status = RequestStatus.WAITING
+        self.executor.send(name, m.Admit(self._state(tr, 0)))
+
+    def _unqueue(self, tr: _Tracked) -> None:
+        if tr.queued_at is not None:
+            self._queued[tr.queued_at] -= tr.queued_tokens
+            tr.queued_at, tr.queued_tokens = None, 0
+
+    def _end(self, tr: _Tracked, reason: str, error: str | None = None) -> RequestOutput | None:
+        """Takes a request out everywhere; for "error" returns its final output."""
+        r = tr.req
+        self._tracked.pop(tr.key, None)
+        self.requests.pop(r.request_id, None)
+        self._key_of.pop(r.request_id, None)
+        self._unqueue(tr)
+        if tr in self.migration_queue:
+            self.migration_queue.remove(tr)
+        for name in tr.holders:
+            if self.loads[name].alive:
+                self.executor.send(name, m.Finish(tr.key, reason))
+        tr.holders.clear()
+        r.status = _FINISH_STATUS[reason]
+        if reason != "error":
+            return None
+        r.finish_time = self.clock()
+        self.outputs.drop(r.request_id)
+        out = RequestOutput(r.request_id, list(r.prompt_token_ids), list(r.output_token_ids), [], "", "", True,
+                            "error", metrics=request_metrics(r), error=error)
+        self._pending_outputs.append(out)
+        return out
+
+    # ------------------------------------------------------------ events
+    def step(self) -> list[RequestOutput]:
+        """Applies the workers' events (waiting up to `poll_timeout` for one) and returns the outputs."""
+        if self._dead is not None:
+            raise self._dead
+        for e in self.executor.poll(0 if self._pending_outputs else self.poll_timeout):
+            self._on_event(e)
+        self._dispatch_pulls()
+        out, self._pending_outputs = self._pending_outputs, []
+        if self._dead is not None and not out:
+            raise self._dead
+        return out
+
+    def _on_event(self, e: Any) -> None:
+        if isinstance(e, m.Status):
+            self.loads[e.load.name] = e.load if self.loads.get(e.load.name, e.load).alive else \
+                dataclasses.replace(e.load, alive=False)
+            self._refused.discard(e.load.name)
+            return
+        if isinstance(e, m.Synced):
+            self._synced.setdefault(e.token, {})[e.load.name] = e
+            self.loads[e.load.name] = e.load
+            return
+        if isinstance(e, m.WorkerFailed):
+            self._on_failure(e)
+            return
+        tr = self._tracked.get(e.request_id)
+        if tr is None:
+            return  # the request ended meanwhile; the worker got (or gets) its Finish
+        if isinstance(e, m.Token):
+            self._on_token(tr, e)
+        elif isinstance(e, m.Prefilled):
+            tr.source, tr.source_blocks, tr.num_computed_tokens = e.worker, e.block_table, e.num_computed_tokens
+            tr.req.status = RequestStatus.WAITING_MIGRATION
+            self.migration_queue.append(tr)
+        elif isinstance(e, m.Pulled):
+            r = tr.req
+            self.executor.send(e.source, m.Release(tr.key))
+            tr.holders.discard(e.source)
+            tr.source = None
+            r.status = RequestStatus.RUNNING
+            r.migration_start, r.migration_end = e.start, e.end
+            if r.decode_start is None:
+                r.decode_start = e.end
+            r.migration_bytes += e.num_bytes
+            self.migrated_bytes += e.num_bytes
+            self.migration_seconds.append(e.end - e.start)
+        elif isinstance(e, m.PullRefused):
+            tr.holders.discard(e.worker)
+            self._refused.add(e.worker)
+            tr.req.status = RequestStatus.WAITING_MIGRATION
+            self.migration_queue.appendleft(tr)
+        elif isinstance(e, m.Preempted):
+            logging.info("%s preempted %s (KV cache full); recomputing it", e.worker, tr.req.request_id)
+            tr.holders.discard(e.worker)
+            tr.req.num_preemptions += 1
+            self._admit(tr)
+        else:
+            raise TypeError(f"unknown event {e!r}")
+
+    def _on_token(self, tr: _Tracked, e: m.Token) -> None:
+        r = tr.req
+        if tr.queued_at == e.worker:
+            self._unqueue(tr)
+        if r.prefill_start is None:
+            r.prefill_start = e.prefill_start
+        r.num_preemptions = max(r.num_preemptions, e.num_preemptions)
+        if r.decode_start is None and self.roles[e.worker] == "colocated":
+            r.decode_start = e.time
+        r.output_token_ids.append(e.token_id)
+        r.token_times.append(e.time)
+        if r.prefill_end is None:
+            r.prefill_end = e.time
+        ro, reason = self.outputs.process(r.request_id, e.token_id, e.logprob, e.top_logprobs)
+        if reason is not None:
+            r.finish_time = e.time
+            ro.metrics = request_metrics(r)
+            self._end(tr, reason)
+        elif r.status is RequestStatus.WAITING:
+            r.status = RequestStatus.RUNNING
+        self._pending_outputs.append(ro)
+
+    def _dispatch_pulls(self) -> None:
+        """FCFS: each prefilled request goes to the least loaded decode worker with room."""
+        names = self.decode_workers
+        while self.migration_queue:
+            tr = self.migration_queue[0]
+            loads = [dataclasses.replace(self.loads[n], alive=False) if n in self._refused else self.loads[n]
+                     for n in names]
+            i = pick_decode(loads, tr.num_computed_tokens, tr.req.max_num_tokens)
+            if i is None:
+                return
+            self.migration_queue.popleft()
+            name, ld = names[i], self.loads[names[i]]
+            tr.holders.add(name)
+            tr.req.status = RequestStatus.MIGRATING
+            self.executor.send(name, m.Pull(self._state(tr, tr.num_computed_tokens), tr.source, tr.source_blocks))
+            need = blocks_for(tokens_to_accept(tr.num_computed_tokens, tr.req.max_num_tokens, ld.block_size),
+                              ld.block_size)
+            self.loads[name] = dataclasses.replace(ld, num_incoming=ld.num_incoming + 1,
+                                                   free_blocks=ld.free_blocks - need)
+
+    def _on_failure(self, e: m.WorkerFailed) -> None:
+        logging.error("worker %s failed: %s; failing the %d requests it held", e.worker, e.error, len(e.request_ids))
+        self.failures.append((e.worker, e.error))
+        self.loads[e.worker] = dataclasses.replace(self.loads[e.worker], alive=False)
+        msg = f"instance {e.worker} failed: {e.error}"
+        for tr in list(self._tracked.values()):
+            if e.worker in tr.holders or tr.source == e.worker:
+                tr.holders.discard(e.worker)
+                self._end(tr, "error", msg)
+        alive = {r for n, r in self.roles.items() if self.loads[n].alive}
+        needed = {"colocated"} if "colocated" in self.roles.values() else {"prefill", "decode"}
+        if not needed <= alive:
+            self._dead = EngineDeadError(f"no {'/'.join(sorted(needed - alive))} worker is left: {msg}")
+            for tr in list(self._tracked.values()):
+                self._end(tr, "error", str(self._dead))
+
+    # ------------------------------------------------------------ state
+    def quiesce(self, *, warmup: bool = False, timeout: float = 600.0) -> dict[str, m.Synced]:
+        """Waits until every live worker has applied every command sent so far (and warmed up, if asked);
+        returns each one's answer. Outputs produced meanwhile are returned by the next `step()`."""
+        token = next(self._sync_tokens)
+        names = [n for n in self.roles if n not in self.loads or self.loads[n].alive]
+        for n in names:
+            self.executor.send(n, m.Sync(token, warmup))
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self._synced.get(token, {})
+            dead = {n for n in names if n in self.loads and not self.loads[n].alive}
+            if set(got) | dead >= set(names):
+                return self._synced.pop(token, {})
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"workers {sorted(set(names) - set(got) - dead)} did not answer within {timeout}s")
+            for e in self.executor.poll(self.poll_timeout):
+                self._on_event(e)
+
+    def warmup(self) -> int:
+        """Compiles every step bucket of every worker and every pull size of every worker pair."""
+        return sum(s.warmed_shapes for s in self.quiesce(warmup=True).values())
+
+    @property
+    def num_discarded_rows(self) -> int:
+        """Rows computed for requests that had ended meanwhile (launching ahead), over all workers."""
+        return sum(s.num_discarded_rows for s in self.quiesce().values())
+
+    def info(self) -> dict[str, Any]:
+        """Live state: every worker's last report (role, devices, queues, blocks, steps, busy fraction)."""
+        for e in self.executor.poll(0):  # reports that arrived while no request was in flight
+            self._on_event(e)
+        return {"mode": self.mode, "placement": self.placement, "max_model_len": self.max_model_len,
+                "executor": "threads", "instances": [self.loads[n].info() for n in self.roles],
+                "num_waiting_migration": len(self.migration_queue),
+                "num_migrating": sum(t.req.status is RequestStatus.MIGRATING for t in self._tracked.values()),
+                "migrated_bytes": self.migrated_bytes, "num_worker_failures": len(self.failures)}
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def request_metrics(r: Request) -> dict[str, float | None]:
+    """A finished request's timestamps and derived latencies (seconds)."""
+    first = r.token_times[0] if r.token_times else None
+    n = len(r.token_times)
+    return {
+        "arrival_time": r.arrival_time, "prefill_start": r.prefill_start, "prefill_end": r.prefill_end,
+        "migration_start": r.migration_start, "migration_end": r.migration_end, "decode_start": r.decode_start,
+        "migration_bytes": r.migration_bytes,
+        "finish_time": r.finish_time, "first_token_time": first,
+        "ttft": None if first is None else first - r.arrival_time,
+        "tpot": (r.token_times[-1] - first) / (n - 1) if n > 1 else None,
+        "num_preemptions": r.num_preemptions, "token_times": list(r.token_times),
+    }

@@ -1,0 +1,191 @@
+"""The messages between the controller and the workers (commands in, events out).
+
+The controller never touches a worker's scheduler, cache or runner: it sends a worker commands
+and reads the events every worker emits, so a worker can be a thread, a process on another host
+or a simulated instance. Every message is a plain picklable dataclass (no device arrays, no
+locks); a request travels as a `RequestState` snapshot and each worker keeps its own copy.
+
+Commands (controller -> worker):
+  - `Admit`: queue a request for (re)prefill (a prefill worker or a colocated replica).
+  - `Pull`: pull a prefilled request's KV from a prefill worker and decode it (decode worker).
+  - `Release`: a decode worker holds the request's KV now; free it here (prefill worker).
+  - `Finish`: the request ended (stop, length, abort): drop it wherever it is here.
+  - `Sync`: answer with `Synced` once every earlier command is applied (and warm up if asked).
+
+Events (worker -> controller):
+  - `Token`: a sampled token (the first token of a prefill, or a decode token).
+  - `Prefilled`: the request's prompt KV is in this prefill worker's cache, ready to pull.
+  - `Pulled` / `PullRefused`: a decode worker finished a pull, or had no room for it.
+  - `Preempted`: a full decode cache evicted the request; it must be recomputed by a prefill.
+  - `Status`: the worker's load after a step or a command (routing and `info()` read it).
+  - `Synced`: the answer to `Sync`.
+  - `WorkerFailed`: the worker's step raised; it serves nothing more. Lists what it held.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestState:
+    """A request as a worker needs it: what to feed, how to sample, when to stop by length.
+
+    `output_token_ids` are the tokens generated so far (a recomputed request carries them all);
+    `num_computed_tokens` is how many tokens' KV the receiving cache will hold (0 for a prefill,
+    the pulled length for a decode).
+    """
+
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    sampling: Any  # SamplingParams
+    seed: int
+    max_tokens: int
+    arrival_time: float
+    num_computed_tokens: int = 0
+    num_preemptions: int = 0
+
+
+# ------------------------------------------------------------------------- commands
+@dataclasses.dataclass(frozen=True)
+class Admit:
+    request: RequestState
+
+
+@dataclasses.dataclass(frozen=True)
+class Pull:
+    request: RequestState
+    source: str  # the prefill worker holding the KV
+    source_blocks: tuple[int, ...]  # the request's block table there
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    request_id: str
+    reason: str  # "stop", "length", "abort" or "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sync:
+    token: int
+    warmup: bool = False
+
+
+# ------------------------------------------------------------------------- events
+@dataclasses.dataclass(frozen=True)
+class WorkerLoad:
+    """One worker's state as routing and `info()` see it (sent in `Status` and `Synced`)."""
+
+    name: str
+    role: str  # "prefill", "decode" or "colocated"
+    tp: int
+    pp: int
+    devices: tuple[int, ...]
+    num_waiting: int
+    num_running: int
+    queued_tokens: int  # tokens still to prefill here
+    num_incoming: int  # pulls in flight into this cache (decode)
+    num_waiting_migration: int  # prefilled, waiting for a pull (prefill)
+    free_blocks: int
+    total_blocks: int
+    block_size: int
+    max_num_seqs: int
+    max_inflight_pulls: int
+    num_steps: int
+    busy_seconds: float
+    uptime_seconds: float
+    step_time_buckets: tuple[int, ...] = ()  # cumulative counts per `STEP_TIME_BUCKETS` bound, then +Inf
+    step_time_sum: float = 0.0
+    alive: bool = True
+
+    @property
+    def load(self) -> int:
+        """Requests this decode worker holds or is pulling."""
+        return self.num_running + self.num_incoming
+
+    def info(self) -> dict[str, Any]:
+        # The public name of a colocated replica's role (the proto's InstanceInfo.role) is "both".
+        d = {"name": self.name, "role": "both" if self.role == "colocated" else self.role, "tp": self.tp, "pp": self.pp, "devices": list(self.devices),
+             "num_waiting": self.num_waiting, "num_running": self.num_running,
+             "free_blocks": self.free_blocks, "total_blocks": self.total_blocks,
+             "num_steps": self.num_steps, "alive": self.alive,
+             "busy_fraction": self.busy_seconds / self.uptime_seconds if self.uptime_seconds > 0 else 0.0,
+             "step_time_buckets": list(self.step_time_buckets), "step_time_sum": self.step_time_sum}
+        if self.role == "prefill":
+            d["num_waiting_migration"] = self.num_waiting_migration
+        elif self.role == "decode":
+            d["num_incoming"] = self.num_incoming
+        return d
+
+
+# Upper bounds (seconds) of the per-worker step-time histogram; the last bucket is +Inf.
+STEP_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    worker: str
+    request_id: str
+    token_id: int
+    logprob: float
+    top_logprobs: dict[int, float]
+    time: float
+    prefill_start: float | None = None  # when its (re)prefill started here (prefill and colocated workers)
+    num_preemptions: int = 0  # times the request was preempted so far
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
+    worker: str
+    request_id: str
+    block_table: tuple[int, ...]
+    num_computed_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Pulled:
+    worker: str
+    request_id: str
+    source: str
+    num_bytes: int
+    start: float
+    end: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PullRefused:
+    worker: str
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Preempted:
+    worker: str
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    load: WorkerLoad
+
+
+@dataclasses.dataclass(frozen=True)
+class Synced:
+    token: int
+    load: WorkerLoad
+    num_discarded_rows: int
+    warmed_shapes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerFailed:
+    worker: str
+    error: str
+    request_ids: tuple[str, ...]

@@ -1,0 +1,274 @@
+"""One instance as an independent worker: its scheduler, KV blocks and runner, and its step loop body.
+
+A worker applies the controller's commands (`messages`) and runs `step()`: schedule, launch,
+collect, emit events. It never waits on another worker: a prefill worker keeps a prefilled
+request's KV until a decode worker has pulled it (`Release`), and a decode worker pulls only what
+it has room for (a `Pull` it cannot take is answered `PullRefused`).
+
+Roles:
+  - `prefill`: FCFS prefill batches (`PrefillScheduler`); emits each request's first token, then
+    `Prefilled` with its block table.
+  - `decode`: continuous batching of pulled requests (`DecodeScheduler`); a request that a full
+    cache evicts is reported `Preempted` (once its token in flight has landed) for recomputation.
+  - `colocated`: both phases on one instance (`PrefillFirstScheduler` or `ChunkedPrefillScheduler`),
+    preemption requeued locally: a replica of the colocated or chunked baselines.
+
+With `async_scheduling`, a worker launches its next step before fetching the current one
+(`step_launcher`), prefill workers included; decode workers with pp > 1 run one step at a time,
+their batch split into pp micro-batches so the stages overlap.
+
+A worker ends a request by length itself (it knows `max_tokens`); stops by EOS, stop tokens and
+stop strings are the controller's (it detokenizes), which sends `Finish`. A worker has no threads
+and reads no wall clock: the executor drives it and gives it a `clock`, and its device work goes
+through the runner and the `kv` pull function it is given.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+from typing import Any, Callable
+
+from distserve_jax.engine import messages as m
+from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step, next_to_fetch, seq_work
+from distserve_jax.scheduler.block_manager import BlockManager
+from distserve_jax.scheduler.disagg import DecodeScheduler, PrefillScheduler
+from distserve_jax.scheduler.policies import Scheduler
+from distserve_jax.scheduler.request import Request, RequestStatus
+
+Emit = Callable[[Any], None]
+# kv_pull(source, source_blocks, dst_blocks) -> a transfer with wait() and num_bytes
+KVPull = Callable[[str, list[int], list[int]], Any]
+
+class KVSourceError(RuntimeError):
+    """The worker holding a request's KV has failed; the pull cannot be done."""
+
+
+_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
+           "abort": RequestStatus.FINISHED_ABORTED, "error": RequestStatus.FINISHED_ABORTED}
+
+
+class InstanceWorker:
+    """The state and step logic of one instance (see the module docstring).
+
+    Args:
+      name, role: e.g. "decode-0", "decode".
+      runner: the instance's `ModelRunner` (or anything with its `launch`/`collect`/`warmup`).
+      blocks, scheduler: the instance's KV block accounting and scheduling policy.
+      emit: called with every event, in order.
+      clock: seconds (the executor's clock; the simulator passes a virtual one).
+      kv_pull: for decode workers, starts a pull of blocks from a named prefill worker.
+      warmup: compiles what this worker runs (its step buckets, and its pulls for a decode worker).
+      pages_lock: held while launching a step, so a pull reading this cache never sees pages mid-swap.
+    """
+
+    def __init__(self, name: str, role: str, *, runner: Any, blocks: BlockManager, scheduler: Scheduler,
+                 emit: Emit, clock: Callable[[], float], async_scheduling: bool = True, tp: int = 1, pp: int = 1,
+                 devices: tuple[int, ...] = (), kv_pull: KVPull | None = None,
+                 warmup: Callable[[], int] | None = None, pages_lock: Any = None):
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"unknown worker role {role!r}")
+        self.name, self.role = name, role
+        self.runner, self.blocks, self.scheduler = runner, blocks, scheduler
+        self.emit, self.clock = emit, clock
+        self.async_scheduling = async_scheduling and (pp == 1 or role != "decode")
+        self.tp, self.pp, self.devices = tp, pp, tuple(devices)
+        self.kv_pull, self._warmup = kv_pull, warmup
+        self.pages_lock = pages_lock if pages_lock is not None else contextlib.nullcontext()
+        self.requests: dict[str, Request] = {}
+        self.inflight: InFlightStep | None = None
+        self.pulls: list[tuple[Request, str, Any, float]] = []  # (request, source, transfer, start)
+        self.preempted: dict[str, Request] = {}  # evicted, reported once their token in flight lands
+        self.num_discarded_rows = 0
+        self.num_steps = 0
+        self.busy_seconds = 0.0
+        self.started = clock()
+        self.step_time_buckets = [0] * (len(m.STEP_TIME_BUCKETS) + 1)  # the last: +Inf
+        self.step_time_sum = 0.0
+
+    # ------------------------------------------------------------ commands
+    def handle(self, cmd: Any) -> None:
+        """Applies one command from the controller."""
+        if isinstance(cmd, m.Admit):
+            self._admit(cmd.request)
+        elif isinstance(cmd, m.Pull):
+            self._pull(cmd)
+        elif isinstance(cmd, m.Release):
+            r = self.requests.pop(cmd.request_id, None)
+            if r is not None:
+                self.scheduler.release(r)
+        elif isinstance(cmd, m.Finish):
+            self._finish(cmd.request_id, _STATUS[cmd.reason])
+        elif isinstance(cmd, m.Sync):
+            shapes = self._warmup() if cmd.warmup and self._warmup is not None else 0
+            self.emit(m.Synced(cmd.token, self.load(), self.num_discarded_rows, shapes))
+        else:
+            raise TypeError(f"{self.name}: unknown command {cmd!r}")
+
+    def _request(self, st: m.RequestState) -> Request:
+        if st.request_id in self.requests:
+            raise RuntimeError(f"{self.name}: request {st.request_id!r} is already here")
+        r = Request(request_id=st.request_id, prompt_token_ids=list(st.prompt_token_ids), sampling=st.sampling,
+                    seed=st.seed, arrival_time=st.arrival_time, max_tokens=st.max_tokens,
+                    output_token_ids=list(st.output_token_ids), num_computed_tokens=st.num_computed_tokens,
+                    num_preemptions=st.num_preemptions)
+        self.requests[r.request_id] = r
+        return r
+
+    def _admit(self, st: m.RequestState) -> None:
+        if self.role == "decode":
+            raise RuntimeError(f"{self.name}: a decode worker does not prefill ({st.request_id!r})")
+        self.scheduler.add(self._request(st))
+
+    def _pull(self, cmd: m.Pull) -> None:
+        if self.role != "decode" or self.kv_pull is None:
+            raise RuntimeError(f"{self.name}: only a decode worker pulls KV ({cmd.request.request_id!r})")
+        r = Request(request_id=cmd.request.request_id, prompt_token_ids=list(cmd.request.prompt_token_ids),
+                    sampling=cmd.request.sampling, seed=cmd.request.seed, arrival_time=cmd.request.arrival_time,
+                    max_tokens=cmd.request.max_tokens, output_token_ids=list(cmd.request.output_token_ids),
+                    num_computed_tokens=cmd.request.num_computed_tokens, num_preemptions=cmd.request.num_preemptions)
+        if r.request_id in self.requests or not self.scheduler.can_accept(r):
+            self.emit(m.PullRefused(self.name, r.request_id))
+            return
+        self.requests[r.request_id] = r
+        start = self.clock()
+        dst_blocks = self.scheduler.begin_pull(r)
+        try:
+            transfer = self.kv_pull(cmd.source, list(cmd.source_blocks), dst_blocks)
+        except KVSourceError:
+            self.requests.pop(r.request_id, None)
+            self.scheduler.remove(r, RequestStatus.FINISHED_ABORTED)
+            self.emit(m.PullRefused(self.name, r.request_id))
+            return
+        self.pulls.append((r, cmd.source, transfer, start))
+
+    def _finish(self, request_id: str, status: RequestStatus) -> None:
+        r = self.requests.pop(request_id, None)
+        if r is None:
+            return
+        self.preempted.pop(request_id, None)
+        self.pulls = [p for p in self.pulls if p[0] is not r]
+        if self.scheduler.find(request_id) is r or self.blocks.has(request_id):
+            self.scheduler.remove(r, status)
+        r.status = status
+
+    # ------------------------------------------------------------ queries
+    def has_work(self) -> bool:
+        return bool(self.inflight is not None or self.pulls or self.preempted or self.scheduler.waiting
+                    or self.scheduler.running)
+
+    def held_request_ids(self) -> list[str]:
+        return sorted(self.requests)
+
+    def load(self) -> m.WorkerLoad:
+        s = self.scheduler
+        return m.WorkerLoad(
+            name=self.name, role=self.role, tp=self.tp, pp=self.pp, devices=self.devices,
+            num_waiting=s.num_waiting, num_running=s.num_running, queued_tokens=s.queued_tokens(),
+            num_incoming=len(getattr(s, "incoming", ())), num_waiting_migration=len(getattr(s, "prefilled", ())),
+            free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_total, block_size=self.blocks.block_size,
+            max_num_seqs=s.config.max_num_seqs, max_inflight_pulls=getattr(s, "max_inflight_pulls", 0),
+            num_steps=self.num_steps, busy_seconds=self.busy_seconds, uptime_seconds=self.clock() - self.started,
+            step_time_buckets=tuple(self.step_time_buckets), step_time_sum=self.step_time_sum)
+
+    # ------------------------------------------------------------ steps
+    def step(self) -> bool:
+        """One iteration: land finished pulls, launch (ahead), collect, emit. Emits a `Status` at the end.
+
+        Returns False when it did nothing (e.g. a prefill worker whose cache is full of requests
+        waiting for a pull): the caller then waits for a command instead of stepping again.
+        """
+        t0 = self.clock()
+        landed = self._land_pulls()
+        if self.async_scheduling:
+            current, self.inflight, dropped = next_to_fetch(self.inflight, self._launch, ahead=True)
+            self.num_discarded_rows += dropped
+            ran = current is not None
+            if ran:
+                live, dropped = fetch_step(self.runner, current)
+                self.num_discarded_rows += dropped
+                self._on_tokens(live)
+        else:
+            ran = self._step_sync()
+        self._report_preempted()
+        dt = self.clock() - t0
+        self.num_steps += 1
+        self.busy_seconds += dt
+        self.step_time_sum += dt
+        for i in range(bisect.bisect_left(m.STEP_TIME_BUCKETS, dt), len(self.step_time_buckets)):
+            self.step_time_buckets[i] += 1
+        if not ran and self.scheduler.waiting and self.blocks.num_used == 0:
+            raise RuntimeError(f"{self.name}: no request can be scheduled although the cache is empty")
+        self.emit(m.Status(self.load()))
+        return ran or landed
+
+    def _launch(self, prev: InFlightStep | None) -> InFlightStep | None:
+        with self.pages_lock:
+            out, step = launch_step(self.scheduler, self.blocks, self.runner, prev)
+        self._on_preempted(out.preempted)
+        return step
+
+    def _step_sync(self) -> bool:
+        """One step at a time; a pp > 1 decode batch runs as pp micro-batches so the stages overlap.
+        False when nothing was scheduled."""
+        out = self.scheduler.schedule()
+        self._on_preempted(out.preempted)
+        if not out:
+            return False
+        now = self.clock()
+        works = [seq_work(s, self.blocks, now) for s in out.seqs]
+        parts = _split(works, self.pp) if self.role == "decode" else [works]
+        with self.pages_lock:
+            pendings = [self.runner.launch(mb) for mb in parts]
+        results = [r for p in pendings for r in self.runner.collect(p)]
+        self.scheduler.after_step(out)
+        live = [(s.request, res) for s, res in zip(out.seqs, results) if res is not None]
+        self._on_tokens(live)
+        return True
+
+    def _on_tokens(self, live: list) -> None:
+        t = self.clock()
+        for r, res in live:
+            if r.finished:
+                continue
+            r.output_token_ids.append(res.token_id)
+            self.emit(m.Token(self.name, r.request_id, res.token_id, res.logprob, res.top_logprobs, t,
+                              prefill_start=r.prefill_start if self.role != "decode" else None,
+                              num_preemptions=r.num_preemptions))
+            if r.request_id in self.preempted:
+                continue  # reported `Preempted` once every token in flight has landed
+            if len(r.output_token_ids) >= r.max_tokens:
+                self._finish(r.request_id, RequestStatus.FINISHED_LENGTH)
+            elif self.role == "prefill":
+                self.scheduler.mark_prefilled(r)
+                self.emit(m.Prefilled(self.name, r.request_id, tuple(self.blocks.block_table(r.request_id)),
+                                      r.num_computed_tokens))
+
+    def _on_preempted(self, preempted: list[Request]) -> None:
+        if self.role == "decode":
+            for r in preempted:
+                self.preempted[r.request_id] = r
+
+    def _report_preempted(self) -> None:
+        for rid, r in list(self.preempted.items()):
+            if r.num_inflight_tokens == 0:
+                del self.preempted[rid]
+                self.requests.pop(rid, None)
+                self.emit(m.Preempted(self.name, rid))
+
+    def _land_pulls(self) -> bool:
+        """Waits for the pulls started since the last step; their requests join the batch."""
+        pulls, self.pulls = self.pulls, []
+        for r, source, transfer, start in pulls:
+            transfer.wait()
+            self.scheduler.end_pull(r)
+            self.emit(m.Pulled(self.name, r.request_id, source, transfer.num_bytes, start, self.clock()))
+        return bool(pulls)
+
+
+def _split(works: list, parts: int) -> list[list]:
+    """Splits a decode batch into up to `parts` micro-batches (one per pipeline stage)."""
+    if parts <= 1 or len(works) < 2:
+        return [works]
+    size = -(-len(works) // parts)
+    return [works[i:i + size] for i in range(0, len(works), size)]
