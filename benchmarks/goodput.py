@@ -3,8 +3,9 @@
 In one process on the virtual CPU devices, for each mode in `--modes` it builds an engine core on
 the first `--num_devices` devices (`build_core`):
   - disaggregated: `--placement` (default `P(tp=d/2) + D(tp=d/2)`, each instance on its own half);
-  - colocated: one instance with tp = num_devices, prefill-first continuous batching;
-  - chunked: the same instance with chunked prefill (`--chunk_tokens` per step),
+  - colocated: `--replicas` instances of tp = num_devices / replicas (default 2: the same devices,
+    split the same way, as the default placement), prefill-first continuous batching;
+  - chunked: the same replicas with chunked prefill (`--chunk_tokens` per step),
 compiles every bucket (`core.warmup()`), then replays (`benchmarks.replay`):
   1. calibration: `--calib_requests` requests of the trace one at a time (unloaded TTFT, TPOT);
   2. the sweep: the trace (`--num_requests` ShareGPT requests, prompt + clipped output within
@@ -60,6 +61,7 @@ flags.DEFINE_string("model", "demo", "Named model (configs/models/) or a model d
 flags.DEFINE_list("modes", list(MODES), "Serving modes to compare.")
 flags.DEFINE_integer("num_devices", 4, "Devices every mode runs on (the first ones).")
 flags.DEFINE_string("placement", "", "Placement YAML for the disaggregated mode (default: half/half).")
+flags.DEFINE_integer("replicas", 2, "Colocated/chunked replicas, each on num_devices / replicas devices.")
 flags.DEFINE_list("rates", ["1", "2", "4", "6", "8", "12"], "Request rates (requests/s) to sweep.")
 flags.DEFINE_integer("num_requests", 60, "Requests per rate.")
 flags.DEFINE_integer("max_model_len", 256, "Context of every engine; prompts longer than this minus "
@@ -122,7 +124,10 @@ def make_core(mode: str, devices: list) -> Any:
         return build_core(FLAGS.model, mode=mode, placement=placement, devices=devices,
                           max_num_batched_tokens=FLAGS.max_num_batched_tokens, **kw)
     budget = FLAGS.chunk_tokens if mode == "chunked" else FLAGS.max_num_batched_tokens
-    return build_core(FLAGS.model, mode=mode, tp=len(devices), devices=devices, max_num_batched_tokens=budget, **kw)
+    if FLAGS.replicas < 1 or len(devices) % FLAGS.replicas:
+        raise ValueError(f"--replicas={FLAGS.replicas} does not divide the {len(devices)} devices")
+    return build_core(FLAGS.model, mode=mode, tp=len(devices) // FLAGS.replicas, replicas=FLAGS.replicas,
+                      devices=devices, max_num_batched_tokens=budget, **kw)
 
 
 def describe(core: Any) -> str:

@@ -39,7 +39,7 @@ flags.DEFINE_string("model", "demo", "Named config in configs/models/ or a check
 flags.DEFINE_integer("prompt_len", 1500, "Tokens of each long prompt.")
 flags.DEFINE_integer("num_prefills", 6, "Long prompts prefilled one after another.")
 flags.DEFINE_integer("unloaded_tokens", 150, "Stream tokens before the first long prompt (the unloaded gaps).")
-flags.DEFINE_integer("stream_tokens", 4000, "Most tokens the stream generates (it is aborted at the end).")
+flags.DEFINE_integer("stream_tokens", 1500, "Tokens of each stream request (a new one starts when one ends).")
 flags.DEFINE_integer("seed", 0, "Seed for the prompts.")
 flags.DEFINE_string("out", None, "Write the gaps and the summary as JSON here.")
 
@@ -48,13 +48,48 @@ def _pct(xs, q):
     return float(np.percentile(np.asarray(xs), q)) if len(xs) else float("nan")
 
 
+class _Stream:
+    """The decode stream: one request at a time, a new one started when the last ends (its context
+    is finite); keeps every request's token times."""
+
+    def __init__(self, core, vocab: int, rng):
+        self.core, self.vocab, self.rng = core, vocab, rng
+        self.segments: list[list[float]] = []
+        self.n = 0
+        self.num_tokens = 0
+        self._start()
+
+    def _start(self):
+        self.rid = f"stream-{self.n}"
+        self.n += 1
+        params = SamplingParams(temperature=0.0, max_tokens=FLAGS.stream_tokens, ignore_eos=True)
+        self.core.add_request(self.rid, prompt_token_ids=[int(t) for t in self.rng.integers(3, self.vocab, 16)],
+                              params=params)
+
+    def step(self, keep_going: bool = True) -> list:
+        outs = self.core.step()
+        for o in outs:
+            if o.request_id == self.rid:
+                self.num_tokens += len(o.new_token_ids)
+                if o.finished:
+                    self.segments.append(list(o.metrics["token_times"]))
+                    if keep_going:
+                        self._start()
+        return outs
+
+    def stop(self) -> list[list[float]]:
+        req = self.core.requests.get(self.rid)
+        if req is not None:
+            self.segments.append(list(req.token_times))
+            self.core.abort_request(self.rid)
+        return self.segments
+
+
 def measure(core, vocab: int) -> dict:
     rng = np.random.default_rng(FLAGS.seed)
-    stream = SamplingParams(temperature=0.0, max_tokens=FLAGS.stream_tokens, ignore_eos=True)
-    core.add_request("stream", prompt_token_ids=[int(t) for t in rng.integers(3, vocab, 16)], params=stream)
-    got = 0
-    while got < FLAGS.unloaded_tokens:
-        got += sum(len(o.new_token_ids) for o in core.step() if o.request_id == "stream")
+    stream = _Stream(core, vocab, rng)
+    while stream.num_tokens < FLAGS.unloaded_tokens:
+        stream.step()
     prefills = []
     for i in range(FLAGS.num_prefills):
         rid = f"long-{i}"
@@ -62,7 +97,7 @@ def measure(core, vocab: int) -> dict:
                          params=SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
         done = None
         while done is None:
-            for o in core.step():
+            for o in stream.step():
                 if o.request_id == rid and o.finished:
                     done = o
         m = done.metrics
@@ -70,11 +105,10 @@ def measure(core, vocab: int) -> dict:
     # A few more stream tokens after the last prefill, then stop it.
     deadline = time.perf_counter() + 0.2
     while time.perf_counter() < deadline:
-        core.step()
-    times = list(core.requests["stream"].token_times)
-    core.abort_request("stream")
+        stream.step()
+    segments = stream.stop()
     first_prefill = prefills[0][0]
-    gaps = [(a, b) for a, b in zip(times, times[1:])]
+    gaps = [(a, b) for times in segments for a, b in zip(times, times[1:])]
     unloaded = [b - a for a, b in gaps if b < first_prefill]
     overlap = [b - a for a, b in gaps if any(a < e and b > s for s, e in prefills)]
     prefill_s = [e - s for s, e in prefills]

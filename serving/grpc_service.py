@@ -73,6 +73,12 @@ class DistServeServicer(pb_grpc.DistServeServicer):
                                        pp=int(i.get("pp", 1)), num_waiting=int(i.get("num_waiting", 0)),
                                        num_running=int(i.get("num_running", 0)),
                                        free_blocks=int(i.get("free_blocks", 0)),
-                                       total_blocks=int(i.get("total_blocks", 0)))
+                                       total_blocks=int(i.get("total_blocks", 0)),
+                                       devices=[int(d) for d in i.get("devices", [])],
+                                       num_steps=int(i.get("num_steps", 0)),
+                                       busy_fraction=float(i.get("busy_fraction", 0.0)),
+                                       alive=bool(i.get("alive", True)), node=str(i.get("node") or ""),
+                                       pid=int(i.get("pid") or 0), cores=[int(c) for c in i.get("cores") or []],
+                                       restarts=int(i.get("restarts") or 0))
                        for i in info.get("instances", [])])
 

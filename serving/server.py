@@ -51,6 +51,10 @@ flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
 flags.DEFINE_integer("max_num_seqs", 64, "Most sequences in one step batch.")
 flags.DEFINE_integer("max_num_batched_tokens", 2048, "Token budget of one step.")
 flags.DEFINE_integer("tp", 1, "Tensor-parallel degree of each replica (colocated and chunked modes).")
+flags.DEFINE_enum("executor", "threads", ["threads", "ray"], "Where workers run: threads of this process, or "
+                  "one Ray actor process per instance.")
+flags.DEFINE_string("ray_address", None, "With --executor=ray: a Ray cluster to join (instances may land on other "
+                    "nodes); unset: start a local Ray on loopback and stop it on exit.")
 flags.DEFINE_integer("replicas", 1, "Colocated or chunked replicas, each its own worker on its own tp devices.")
 flags.DEFINE_integer("seed", 0, "Engine seed (for requests without a seed).")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request message or body; larger ones get "
@@ -99,6 +103,9 @@ def build_core(mode: str, model: str, placement_spec: str, warmup: bool, engine_
 
     placement = None
     kwargs = dict(engine_kwargs)
+    kwargs["executor"] = FLAGS.executor
+    if FLAGS.ray_address:
+        kwargs["ray_address"] = FLAGS.ray_address
     if mode == "disaggregated":
         placement = resolve_placement(placement_spec, len(jax.devices()))
     else:

@@ -44,3 +44,31 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+def _ray_processes() -> set[int]:
+    """Pids of Ray's processes (raylet, GCS, workers and actors) on this machine."""
+    pids = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"raylet" in cmd or b"gcs_server" in cmd or cmd.startswith(b"ray::") or b"ray/_private/workers" in cmd:
+            pids.add(int(d.name))
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ray_processes_left_behind():
+    """The suite stops every Ray process it started (a test that leaves one fails the session)."""
+    before = _ray_processes()
+    yield
+    import time
+
+    deadline = time.monotonic() + 15
+    while (left := _ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"Ray processes left behind by the tests: {sorted(left)}"

@@ -16,9 +16,13 @@ drives threads, processes or a simulation, and it reads time only from the clock
 
 Colocated and chunked replicas are workers of role "colocated": `Admit` only, no migration.
 
-A failed worker (`WorkerFailed`) fails the requests it held (finish_reason "error", its error in
-`RequestOutput.error`); the engine keeps serving on the rest. When no worker is left for a phase,
-`step()` raises `EngineDeadError`.
+A worker whose step raised (`WorkerFailed`) fails the requests it held (finish_reason "error", its
+error in `RequestOutput.error`): the same request could fail the next worker too. A worker whose
+process died has its requests recomputed on the survivors from the tokens they have (sampling
+depends only on a request's seed and position, so a stream goes on unchanged), at most
+`max_recomputes` times each; a pull whose source is gone (`PullFailed`) is recomputed the same
+way. The engine keeps serving on the rest; when no worker is left for a phase and the executor
+does not restart workers, `step()` raises `EngineDeadError`.
 """
 
 from __future__ import annotations
@@ -57,7 +61,9 @@ class _Tracked:
     queued_tokens: int = 0
     source: str | None = None  # prefill worker holding its KV after the prefill
     source_blocks: tuple[int, ...] = ()
+    offer: Any = None  # across processes: how to pull that KV
     num_computed_tokens: int = 0
+    num_recomputes: int = 0  # times a lost worker made it start over from a prefill
 
 
 class Controller:
@@ -75,11 +81,14 @@ class Controller:
 
     def __init__(self, spec: ModelSpec, executor: Any, roles: dict[str, str], *, max_model_len: int,
                  mode: str, placement: str, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
-                 poll_timeout: float = 0.05):
+                 poll_timeout: float = 0.05, max_recomputes: int = 2):
         self.spec, self.executor, self.roles = spec, executor, dict(roles)
         self.mode, self.placement = mode, placement
         self.max_model_len = max_model_len
         self.clock, self.poll_timeout = clock, poll_timeout
+        self.max_recomputes = max_recomputes
+        # An executor that restarts dead workers (Ray) keeps the engine up while a phase has none.
+        self.restartable = bool(getattr(executor, "restarts_workers", False))
         tok = spec.tokenizer
         eos = tok.eos_token_ids if tok is not None and tok.eos_token_ids else spec.config.eos_token_ids
         self.outputs = OutputProcessor(tok, tuple(eos), max_model_len)
@@ -224,6 +233,11 @@ class Controller:
         if isinstance(e, m.WorkerFailed):
             self._on_failure(e)
             return
+        if isinstance(e, m.WorkerJoined):
+            logging.info("worker %s serves again", e.load.name)
+            self.loads[e.load.name] = e.load
+            self._refused.discard(e.load.name)
+            return
         tr = self._tracked.get(e.request_id)
         if tr is None:
             return  # the request ended meanwhile; the worker got (or gets) its Finish
@@ -231,6 +245,7 @@ class Controller:
             self._on_token(tr, e)
         elif isinstance(e, m.Prefilled):
             tr.source, tr.source_blocks, tr.num_computed_tokens = e.worker, e.block_table, e.num_computed_tokens
+            tr.offer = e.offer
             tr.req.status = RequestStatus.WAITING_MIGRATION
             self.migration_queue.append(tr)
         elif isinstance(e, m.Pulled):
@@ -250,6 +265,11 @@ class Controller:
             self._refused.add(e.worker)
             tr.req.status = RequestStatus.WAITING_MIGRATION
             self.migration_queue.appendleft(tr)
+        elif isinstance(e, m.PullFailed):
+            logging.warning("%s could not pull %s from %s (%s); recomputing it", e.worker, tr.req.request_id,
+                            tr.source, e.error)
+            tr.holders.discard(e.worker)
+            self._recompute(tr, f"its KV on {tr.source} was lost: {e.error}")
         elif isinstance(e, m.Preempted):
             logging.info("%s preempted %s (KV cache full); recomputing it", e.worker, tr.req.request_id)
             tr.holders.discard(e.worker)
@@ -294,24 +314,53 @@ class Controller:
             name, ld = names[i], self.loads[names[i]]
             tr.holders.add(name)
             tr.req.status = RequestStatus.MIGRATING
-            self.executor.send(name, m.Pull(self._state(tr, tr.num_computed_tokens), tr.source, tr.source_blocks))
+            self.executor.send(name, m.Pull(self._state(tr, tr.num_computed_tokens), tr.source, tr.source_blocks,
+                                            tr.offer))
             need = blocks_for(tokens_to_accept(tr.num_computed_tokens, tr.req.max_num_tokens, ld.block_size),
                               ld.block_size)
             self.loads[name] = dataclasses.replace(ld, num_incoming=ld.num_incoming + 1,
                                                    free_blocks=ld.free_blocks - need)
 
+    def _recompute(self, tr: _Tracked, why: str) -> None:
+        """Starts a request over from a prefill (its KV is lost), with the tokens it has so far, under
+        a new message id so that nothing still in flight for the old one can touch it."""
+        if tr.num_recomputes >= self.max_recomputes:
+            self._end(tr, "error", f"{why}; given up after {tr.num_recomputes} recomputations")
+            return
+        for name in tr.holders:
+            if self.loads[name].alive:
+                self.executor.send(name, m.Finish(tr.key, "abort"))
+        tr.holders.clear()
+        if tr in self.migration_queue:
+            self.migration_queue.remove(tr)
+        self._unqueue(tr)
+        del self._tracked[tr.key]
+        tr.key = f"{tr.req.request_id}@{next(self._keys)}"
+        self._tracked[tr.key] = tr
+        self._key_of[tr.req.request_id] = tr.key
+        tr.source, tr.source_blocks, tr.offer = None, (), None
+        tr.num_recomputes += 1
+        self._admit(tr)
+
     def _on_failure(self, e: m.WorkerFailed) -> None:
-        logging.error("worker %s failed: %s; failing the %d requests it held", e.worker, e.error, len(e.request_ids))
+        """A step that raised fails the requests the worker held (the same request could fail the next
+        worker too); a process that died has its requests recomputed on the survivors."""
+        logging.error("worker %s failed: %s; %s the requests it held", e.worker, e.error,
+                      "recomputing" if e.process_died else "failing")
         self.failures.append((e.worker, e.error))
         self.loads[e.worker] = dataclasses.replace(self.loads[e.worker], alive=False)
+        self._refused.discard(e.worker)
         msg = f"instance {e.worker} failed: {e.error}"
+        alive = {r for n, r in self.roles.items() if self.loads[n].alive}
+        needed = {"colocated"} if "colocated" in self.roles.values() else {"prefill", "decode"}
         for tr in list(self._tracked.values()):
             if e.worker in tr.holders or tr.source == e.worker:
                 tr.holders.discard(e.worker)
-                self._end(tr, "error", msg)
-        alive = {r for n, r in self.roles.items() if self.loads[n].alive}
-        needed = {"colocated"} if "colocated" in self.roles.values() else {"prefill", "decode"}
-        if not needed <= alive:
+                if e.process_died and needed <= alive:
+                    self._recompute(tr, msg)
+                else:
+                    self._end(tr, "error", msg)
+        if not needed <= alive and not self.restartable:
             self._dead = EngineDeadError(f"no {'/'.join(sorted(needed - alive))} worker is left: {msg}")
             for tr in list(self._tracked.values()):
                 self._end(tr, "error", str(self._dead))
@@ -348,8 +397,10 @@ class Controller:
         """Live state: every worker's last report (role, devices, queues, blocks, steps, busy fraction)."""
         for e in self.executor.poll(0):  # reports that arrived while no request was in flight
             self._on_event(e)
+        extra = getattr(self.executor, "instance_info", lambda: {})()
         return {"mode": self.mode, "placement": self.placement, "max_model_len": self.max_model_len,
-                "executor": "threads", "instances": [self.loads[n].info() for n in self.roles],
+                "executor": getattr(self.executor, "kind", "threads"),
+                "instances": [{**self.loads[n].info(), **extra.get(n, {})} for n in self.roles],
                 "num_waiting_migration": len(self.migration_queue),
                 "num_migrating": sum(t.req.status is RequestStatus.MIGRATING for t in self._tracked.values()),
                 "migrated_bytes": self.migrated_bytes, "num_worker_failures": len(self.failures)}

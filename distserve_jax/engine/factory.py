@@ -20,18 +20,28 @@ from distserve_jax.engine.model_source import ModelSpec, resolve_model
 from distserve_jax.engine.placement import Placement
 
 MODES = ("disaggregated", "colocated", "chunked")
-EXECUTORS = ("threads",)
+EXECUTORS = ("threads", "ray")
 
 
 def build_core(model: str | ModelSpec, *, mode: str = "disaggregated", placement: Any = None, tp: int = 1,
                replicas: int = 1, devices: Sequence[Any] | None = None, executor: str = "threads",
-               start_workers: bool = True, **engine_kwargs) -> Controller:
+               start_workers: bool = True, ray_address: str | None = None, **engine_kwargs) -> Controller:
     """The engine serving `model` in `mode` (see `AsyncEngine.from_model`). Bad arguments raise
-    ValueError naming the problem before anything is built."""
+    ValueError naming the problem before anything is built.
+
+    `executor="threads"` runs every worker in a thread of this process on `devices`;
+    `executor="ray"` runs each in its own Ray actor process (`ray_address`: a cluster to join, else a
+    local Ray on loopback), which owns `tp * pp` devices of its own: the devices named here only
+    size the placement.
+    """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; expected one of {EXECUTORS}")
+    if executor == "ray" and not isinstance(model, (str, Path)):
+        raise ValueError("executor='ray' needs the model as a name or path (each process loads it)")
+    if executor != "ray" and ray_address is not None:
+        raise ValueError("ray_address applies to executor='ray' only")
     if placement is not None and mode != "disaggregated":
         raise ValueError(f"a placement only applies to mode='disaggregated', not {mode!r}")
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
@@ -61,8 +71,20 @@ def build_core(model: str | ModelSpec, *, mode: str = "disaggregated", placement
         instances = [(f"{mode}-{i}", "colocated", tp, 1, (tuple(devices[i * tp:(i + 1) * tp]),))
                      for i in range(replicas)]
         desc = f"{replicas}x{mode}(tp{tp})" if replicas > 1 else f"{mode}(tp{tp})"
-    from distserve_jax.engine.threads_executor import ThreadsExecutor
-    ex = ThreadsExecutor(spec, instances, config, clock=time.perf_counter, start=start_workers)
     rc = config.runner_config(spec.config.max_position_embeddings)
-    return Controller(spec, ex, {name: role for name, role, *_ in instances}, max_model_len=rc.max_model_len,
-                      mode=mode, placement=desc, seed=config.seed, clock=time.perf_counter)
+    roles = {name: role for name, role, *_ in instances}
+    if executor == "ray":
+        from distserve_jax.engine.ray_executor import RayExecutor
+        ex = RayExecutor(str(model), [(n, r, tp_, pp_) for n, r, tp_, pp_, _ in instances], config,
+                         address=ray_address, on_gpu=jax.default_backend() == "gpu")
+        clock = time.time  # the workers' clock: comparable across processes (and, synced, hosts)
+    else:
+        from distserve_jax.engine.threads_executor import ThreadsExecutor
+        ex = ThreadsExecutor(spec, instances, config, clock=time.perf_counter, start=start_workers)
+        clock = time.perf_counter
+    try:
+        return Controller(spec, ex, roles, max_model_len=rc.max_model_len, mode=mode, placement=desc,
+                          seed=config.seed, clock=clock)
+    except BaseException:
+        ex.shutdown()
+        raise

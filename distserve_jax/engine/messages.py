@@ -15,11 +15,13 @@ Commands (controller -> worker):
 Events (worker -> controller):
   - `Token`: a sampled token (the first token of a prefill, or a decode token).
   - `Prefilled`: the request's prompt KV is in this prefill worker's cache, ready to pull.
-  - `Pulled` / `PullRefused`: a decode worker finished a pull, or had no room for it.
+  - `Pulled` / `PullRefused` / `PullFailed`: a decode worker finished a pull, had no room for it,
+    or could not get the KV (the source is gone: the request is recomputed).
   - `Preempted`: a full decode cache evicted the request; it must be recomputed by a prefill.
   - `Status`: the worker's load after a step or a command (routing and `info()` read it).
   - `Synced`: the answer to `Sync`.
-  - `WorkerFailed`: the worker's step raised; it serves nothing more. Lists what it held.
+  - `WorkerFailed`: the worker's step raised, or its process died; lists what it held.
+  - `WorkerJoined`: a restarted worker process serves again.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Pull:
     request: RequestState
     source: str  # the prefill worker holding the KV
     source_blocks: tuple[int, ...]  # the request's block table there
+    offer: Any = None  # across processes: the source's `KVOffer` (address, id, layout)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +150,7 @@ class Prefilled:
     request_id: str
     block_table: tuple[int, ...]
     num_computed_tokens: int
+    offer: Any = None  # across processes: where and how to pull the KV (`kv_offer.KVOffer`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +167,15 @@ class Pulled:
 class PullRefused:
     worker: str
     request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PullFailed:
+    """The source's KV could not be pulled (its process died or is unreachable): recompute."""
+
+    worker: str
+    request_id: str
+    error: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,3 +202,11 @@ class WorkerFailed:
     worker: str
     error: str
     request_ids: tuple[str, ...]
+    process_died: bool = False  # the process is gone (not a step that raised): its requests are recomputed
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerJoined:
+    """A replacement of a failed worker (a restarted process) serves again, empty."""
+
+    load: WorkerLoad

@@ -27,7 +27,7 @@ from absl import logging
 from distserve_jax.engine import messages as m
 from distserve_jax.engine.config import EngineConfig
 from distserve_jax.engine.model_source import ModelSpec
-from distserve_jax.engine.worker import InstanceWorker, KVSourceError
+from distserve_jax.engine.worker import STOP, InstanceWorker, KVSourceError, RaiseCommand
 from distserve_jax.runtime.kv_transfer import KVMigrator
 from distserve_jax.runtime.model_runner import ModelRunner
 from distserve_jax.runtime.sharding import make_mesh
@@ -35,7 +35,6 @@ from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.disagg import DecodeScheduler, PrefillScheduler
 from distserve_jax.scheduler.policies import ChunkedPrefillScheduler, PrefillFirstScheduler, SchedulerConfig
 
-_STOP = object()
 
 
 class _Slot:
@@ -46,7 +45,6 @@ class _Slot:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()  # the pages lock (see the module docstring)
         self.alive = True
-        self.stalled = False  # its last step did nothing: wait for a command before the next
         self.thread: threading.Thread | None = None
 
 
@@ -91,7 +89,8 @@ class ThreadsExecutor:
             worker = InstanceWorker(
                 name, role, runner=runner, blocks=blocks, scheduler=sched, emit=self.events.put, clock=clock,
                 async_scheduling=config.async_scheduling, tp=tp, pp=pp, devices=devices,
-                kv_pull=(lambda src, sb, db, name=name: self._pull(src, name, sb, db)) if role == "decode" else None,
+                kv_pull=(lambda cmd, db, name=name: self._pull(cmd.source, name, list(cmd.source_blocks), db))
+                if role == "decode" else None,
                 warmup=lambda name=name, role=role: self._warmup(name, role), pages_lock=slot.lock)
             slot.worker = worker
             self.slots[name] = slot
@@ -135,7 +134,7 @@ class ThreadsExecutor:
 
     def shutdown(self, timeout: float = 10.0) -> None:
         for slot in self.slots.values():
-            slot.inbox.put(_STOP)
+            slot.inbox.put(STOP)
         for slot in self.slots.values():
             if slot.thread is not None:
                 slot.thread.join(timeout)
@@ -144,34 +143,12 @@ class ThreadsExecutor:
 
     def kill(self, name: str, error: BaseException) -> None:
         """Makes a worker fail at its next command (tests: a worker whose step raises)."""
-        self.slots[name].inbox.put(_Raise(error))
+        self.slots[name].inbox.put(RaiseCommand(error))
 
     # ------------------------------------------------------------ worker threads
     def _iterate(self, slot: _Slot, block: bool) -> bool:
-        """One turn of a worker: apply its queued commands (waiting for one when idle and `block`),
-        then run a step if it has work. False when told to stop."""
-        w = slot.worker
-        handled = synced = False
-        while True:
-            try:
-                idle = block and not handled and (slot.stalled or not w.has_work())
-                cmd = slot.inbox.get() if idle else slot.inbox.get_nowait()
-            except queue.Empty:
-                break
-            if cmd is _STOP:
-                return False
-            if isinstance(cmd, _Raise):
-                raise cmd.error
-            w.handle(cmd)
-            handled = True
-            synced = synced or isinstance(cmd, m.Sync)
-        if handled:
-            self.events.put(m.Status(w.load()))
-        if synced and not self.threaded:
-            return True  # without threads, a turn that answers a Sync does not step: the caller sees
-            # the state the commands left
-        slot.stalled = w.has_work() and not w.step()
-        return True
+        ok = slot.worker.turn(slot.inbox, block=block, step_after_sync=self.threaded)
+        return ok
 
     def _run(self, slot: _Slot) -> None:
         try:
@@ -231,7 +208,3 @@ class ThreadsExecutor:
                         n += mig.warmup()
         return n
 
-
-class _Raise:
-    def __init__(self, error: BaseException):
-        self.error = error

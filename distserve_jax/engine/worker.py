@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import queue
 from typing import Any, Callable
 
 from distserve_jax.engine import messages as m
@@ -37,11 +38,21 @@ from distserve_jax.scheduler.policies import Scheduler
 from distserve_jax.scheduler.request import Request, RequestStatus
 
 Emit = Callable[[Any], None]
-# kv_pull(source, source_blocks, dst_blocks) -> a transfer with wait() and num_bytes
-KVPull = Callable[[str, list[int], list[int]], Any]
+# kv_pull(pull command, dst_blocks) -> a transfer with wait() and num_bytes (both may raise KVSourceError)
+KVPull = Callable[[Any, list[int]], Any]
 
 class KVSourceError(RuntimeError):
     """The worker holding a request's KV has failed; the pull cannot be done."""
+
+
+STOP = "stop"  # put in a worker's inbox: `turn` returns False
+
+
+class RaiseCommand:
+    """A command that makes `turn` raise `error` (tests: a worker that fails)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
 
 
 _STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
@@ -85,6 +96,37 @@ class InstanceWorker:
         self.started = clock()
         self.step_time_buckets = [0] * (len(m.STEP_TIME_BUCKETS) + 1)  # the last: +Inf
         self.step_time_sum = 0.0
+        self.stalled = False  # its last step did nothing: wait for a command before the next
+
+    # ------------------------------------------------------------ the loop
+    def turn(self, inbox: Any, *, block: bool = True, step_after_sync: bool = True) -> bool:
+        """One turn of the worker's loop: apply the queued commands from `inbox` (a `queue.Queue`;
+        waiting for one when idle and `block`), emit a `Status` if any was applied, then run a step
+        if there is work. False once `STOP` is read.
+
+        With `step_after_sync=False`, a turn that answered a `Sync` does not step (a caller that
+        drives workers by hand then sees the state the commands left).
+        """
+        handled = synced = False
+        while True:
+            try:
+                idle = block and not handled and (self.stalled or not self.has_work())
+                cmd = inbox.get() if idle else inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, str) and cmd == STOP:
+                return False
+            if isinstance(cmd, RaiseCommand):
+                raise cmd.error
+            self.handle(cmd)
+            handled = True
+            synced = synced or isinstance(cmd, m.Sync)
+        if handled:
+            self.emit(m.Status(self.load()))
+        if synced and not step_after_sync:
+            return True
+        self.stalled = self.has_work() and not self.step()
+        return True
 
     # ------------------------------------------------------------ commands
     def handle(self, cmd: Any) -> None:
@@ -134,7 +176,7 @@ class InstanceWorker:
         start = self.clock()
         dst_blocks = self.scheduler.begin_pull(r)
         try:
-            transfer = self.kv_pull(cmd.source, list(cmd.source_blocks), dst_blocks)
+            transfer = self.kv_pull(cmd, dst_blocks)
         except KVSourceError:
             self.requests.pop(r.request_id, None)
             self.scheduler.remove(r, RequestStatus.FINISHED_ABORTED)
@@ -260,7 +302,13 @@ class InstanceWorker:
         """Waits for the pulls started since the last step; their requests join the batch."""
         pulls, self.pulls = self.pulls, []
         for r, source, transfer, start in pulls:
-            transfer.wait()
+            try:
+                transfer.wait()
+            except KVSourceError as e:
+                self.requests.pop(r.request_id, None)
+                self.scheduler.remove(r, RequestStatus.FINISHED_ABORTED)
+                self.emit(m.PullFailed(self.name, r.request_id, str(e)))
+                continue
             self.scheduler.end_pull(r)
             self.emit(m.Pulled(self.name, r.request_id, source, transfer.num_bytes, start, self.clock()))
         return bool(pulls)

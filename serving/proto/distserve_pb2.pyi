@@ -124,7 +124,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("name", "role", "tp", "pp", "num_waiting", "num_running", "free_blocks", "total_blocks")
+    __slots__ = ("name", "role", "tp", "pp", "num_waiting", "num_running", "free_blocks", "total_blocks", "devices", "num_steps", "busy_fraction", "alive", "node", "pid", "cores", "restarts")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,14 @@ class InstanceInfo(_message.Message):
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     FREE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    NUM_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    ALIVE_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    CORES_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     tp: int
@@ -141,7 +149,15 @@ class InstanceInfo(_message.Message):
     num_running: int
     free_blocks: int
     total_blocks: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ...) -> None: ...
+    devices: _containers.RepeatedScalarFieldContainer[int]
+    num_steps: int
+    busy_fraction: float
+    alive: bool
+    node: str
+    pid: int
+    cores: _containers.RepeatedScalarFieldContainer[int]
+    restarts: int
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., devices: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., alive: _Optional[bool] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., cores: _Optional[_Iterable[int]] = ..., restarts: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("model", "mode", "placement", "max_model_len", "max_queue", "vocab_size", "num_in_flight", "ready", "instances", "max_request_bytes", "model_path")

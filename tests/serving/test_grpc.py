@@ -166,6 +166,8 @@ def test_server_info(server):
     assert info.max_model_len == ENGINE_KW["max_model_len"] and info.vocab_size == 512
     assert info.max_request_bytes == MAX_REQUEST_BYTES
     assert len(info.instances) == 1 and info.instances[0].role == "both" and info.instances[0].total_blocks > 0
+    inst = info.instances[0]
+    assert list(inst.devices) == [0] and inst.alive and 0 <= inst.busy_fraction <= 1 and inst.num_steps >= 0
 
 
 def test_health_and_reflection(server):
