@@ -190,6 +190,8 @@ class Server:
         from distserve_jax.engine.async_engine import AsyncEngine
         from distserve_jax.engine.model_source import resolve_model
 
+        for sig in (signal.SIGTERM, signal.SIGINT):  # again: a library (Ray) may have replaced them
+            loop.add_signal_handler(sig, self.stop.set)
         engine = AsyncEngine(core, max_queue=self.served.max_queue)
         spec = getattr(core, "spec", None) or resolve_model(FLAGS.model)
         self.served.tokenizer = spec.tokenizer

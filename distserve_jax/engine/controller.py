@@ -105,6 +105,7 @@ class Controller:
         self._refused: set[str] = set()  # decode workers that refused a pull since their last Status
         self._queued = {n: 0 for n, r in roles.items() if r != "decode"}
         self.migration_queue: collections.deque[_Tracked] = collections.deque()
+        self._parked: collections.deque[_Tracked] = collections.deque()  # waiting for a prefill worker to restart
         self.migrated_bytes = 0
         self.migration_seconds: list[float] = []
         self.failures: list[tuple[str, str]] = []  # (worker, error)
@@ -170,7 +171,11 @@ class Controller:
         names = self.prefill_workers
         i = pick_prefill([self._queued[n] for n in names], [self.loads[n].alive for n in names])
         if i is None:
-            self._end(tr, "error", "no prefill worker is alive")
+            if self.restartable:  # a restarted worker takes it (`WorkerJoined`)
+                tr.req.status = RequestStatus.WAITING
+                self._parked.append(tr)
+            else:
+                self._end(tr, "error", "no prefill worker is alive")
             return
         name = names[i]
         tr.queued_at, tr.queued_tokens = name, tr.req.num_tokens
@@ -193,6 +198,8 @@ class Controller:
         self._unqueue(tr)
         if tr in self.migration_queue:
             self.migration_queue.remove(tr)
+        if tr in self._parked:
+            self._parked.remove(tr)
         for name in tr.holders:
             if self.loads[name].alive:
                 self.executor.send(name, m.Finish(tr.key, reason))
@@ -237,6 +244,9 @@ class Controller:
             logging.info("worker %s serves again", e.load.name)
             self.loads[e.load.name] = e.load
             self._refused.discard(e.load.name)
+            parked, self._parked = self._parked, collections.deque()
+            for tr in parked:
+                self._admit(tr)
             return
         tr = self._tracked.get(e.request_id)
         if tr is None:
@@ -356,7 +366,7 @@ class Controller:
         for tr in list(self._tracked.values()):
             if e.worker in tr.holders or tr.source == e.worker:
                 tr.holders.discard(e.worker)
-                if e.process_died and needed <= alive:
+                if e.process_died and (needed <= alive or self.restartable):
                     self._recompute(tr, msg)
                 else:
                     self._end(tr, "error", msg)

@@ -61,7 +61,8 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     os.environ.update(_LOOPBACK_ENV)
     import ray
 
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="warning",
+    # address="local": always a new Ray of our own, never one found running on the machine.
+    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, logging_level="warning",
              configure_logging=False, runtime_env={"env_vars": {"PYTHONPATH": _REPO_ROOT}})
 
 
@@ -86,6 +87,8 @@ class RayExecutor:
                  ready_timeout_s: float = 300.0):
         if address is None:
             os.environ.update(_LOOPBACK_ENV)
+        # Ray's C++ failure-signal handler would take SIGTERM from the server's drain (this process's).
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         import ray
 
         self._ray = ray

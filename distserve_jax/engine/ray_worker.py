@@ -87,7 +87,8 @@ class WorkerProcess:
         self.worker = InstanceWorker(
             name, role, runner=self.runner, blocks=blocks, scheduler=sched, emit=self._emit, clock=time.time,
             async_scheduling=cfg.async_scheduling, tp=tp, pp=pp, devices=tuple(d.id for s in stages for d in s),
-            kv_pull=self._pull if role == "decode" else None, warmup=self._warmup, pages_lock=self.lock)
+            kv_pull=self._pull if role == "decode" else None, warmup=self._warmup, pages_lock=self.lock,
+            after_command=self._after_command)
         self.error: str | None = None
         self._thread = threading.Thread(target=self._run, name=f"worker-{name}", daemon=True)
         self._thread.start()
@@ -105,7 +106,6 @@ class WorkerProcess:
             self._early[seq] = commands
             while self._next_seq in self._early:
                 for cmd in self._early.pop(self._next_seq):
-                    self._on_command(cmd)
                     self.inbox.put(cmd)
                 self._next_seq += 1
 
@@ -149,7 +149,9 @@ class WorkerProcess:
             event = dataclasses.replace(event, offer=offer)
         self._events.put(event)
 
-    def _on_command(self, cmd: Any) -> None:
+    def _after_command(self, cmd: Any) -> None:
+        """On the worker thread, in command order: the ack of a pull (or the end of the request) drops
+        its offer."""
         m = self._m
         if isinstance(cmd, (m.Release, m.Finish)):
             offer = self.offers.pop(cmd.request_id, None)

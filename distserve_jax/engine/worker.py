@@ -71,12 +71,14 @@ class InstanceWorker:
       kv_pull: for decode workers, starts a pull of blocks from a named prefill worker.
       warmup: compiles what this worker runs (its step buckets, and its pulls for a decode worker).
       pages_lock: held while launching a step, so a pull reading this cache never sees pages mid-swap.
+      after_command: called with each command once it is applied (on the worker's thread).
     """
 
     def __init__(self, name: str, role: str, *, runner: Any, blocks: BlockManager, scheduler: Scheduler,
                  emit: Emit, clock: Callable[[], float], async_scheduling: bool = True, tp: int = 1, pp: int = 1,
                  devices: tuple[int, ...] = (), kv_pull: KVPull | None = None,
-                 warmup: Callable[[], int] | None = None, pages_lock: Any = None):
+                 warmup: Callable[[], int] | None = None, pages_lock: Any = None,
+                 after_command: Callable[[Any], None] | None = None):
         if role not in ("prefill", "decode", "colocated"):
             raise ValueError(f"unknown worker role {role!r}")
         self.name, self.role = name, role
@@ -84,7 +86,7 @@ class InstanceWorker:
         self.emit, self.clock = emit, clock
         self.async_scheduling = async_scheduling and (pp == 1 or role != "decode")
         self.tp, self.pp, self.devices = tp, pp, tuple(devices)
-        self.kv_pull, self._warmup = kv_pull, warmup
+        self.kv_pull, self._warmup, self._after_command = kv_pull, warmup, after_command
         self.pages_lock = pages_lock if pages_lock is not None else contextlib.nullcontext()
         self.requests: dict[str, Request] = {}
         self.inflight: InFlightStep | None = None
@@ -119,6 +121,8 @@ class InstanceWorker:
             if isinstance(cmd, RaiseCommand):
                 raise cmd.error
             self.handle(cmd)
+            if self._after_command is not None:
+                self._after_command(cmd)
             handled = True
             synced = synced or isinstance(cmd, m.Sync)
         if handled:

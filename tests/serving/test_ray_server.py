@@ -71,3 +71,28 @@ def test_server_on_a_ray_cluster_spreads_instances_over_nodes(cluster, tiny_mode
     while _actor_processes() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _actor_processes(), "the server left actor processes on the cluster"
+
+
+def test_server_with_its_own_ray_stops_it_on_sigterm(tiny_model, tmp_path):
+    """No --ray_address: the server starts a local Ray on loopback, pins one core per instance, and
+    SIGTERM leaves no Ray process behind."""
+    before = _ray_processes()
+    extra = ["--executor=ray", "--mode=colocated", "--replicas=2", "--nowarmup", "--drain_timeout_s=2"]
+    extra += [f"--{k}={v}" for k, v in KW.items()]
+    server = ServerProcess(tiny_model, extra=extra, log_path=tmp_path / "server.log")
+    try:
+        server.wait_serving(timeout=300)
+        with Client(server.address) as c:
+            info = c.server_info()
+            assert sorted(tuple(i.cores) for i in info.instances) == [(0,), (1,)], info
+            got = c.generate(prompt_token_ids=[5, 6, 7], sampling={"temperature": 0.0, "max_tokens": 4,
+                                                                   "ignore_eos": True})
+            assert len(got.token_ids) == 4
+        assert _ray_processes() - before, "the server started no Ray process"
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log()
+    deadline = time.monotonic() + 20
+    while (_ray_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not (_ray_processes() - before), f"left behind: {sorted(_ray_processes() - before)}"
