@@ -61,6 +61,8 @@ flags.DEFINE_string("model", "demo", "Named model (configs/models/) or a model d
 flags.DEFINE_list("modes", list(MODES), "Serving modes to compare.")
 flags.DEFINE_integer("num_devices", 4, "Devices every mode runs on (the first ones).")
 flags.DEFINE_string("placement", "", "Placement YAML for the disaggregated mode (default: half/half).")
+flags.DEFINE_enum("executor", "threads", ["threads", "ray"], "threads: every instance a thread of this process on "
+                  "shared cores; ray: one process per instance, pinned to its own cores (real compute isolation).")
 flags.DEFINE_integer("replicas", 2, "Colocated/chunked replicas, each on num_devices / replicas devices.")
 flags.DEFINE_list("rates", ["1", "2", "4", "6", "8", "12"], "Request rates (requests/s) to sweep.")
 flags.DEFINE_integer("num_requests", 60, "Requests per rate.")
@@ -114,7 +116,8 @@ def load_trace(tokenizer: Any) -> list[WorkloadRequest]:
 
 
 def make_core(mode: str, devices: list) -> Any:
-    kw = dict(max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs, seed=FLAGS.seed)
+    kw = dict(max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs, seed=FLAGS.seed,
+              executor=FLAGS.executor)
     if mode == "disaggregated":
         if FLAGS.placement:
             placement = Placement.from_yaml(FLAGS.placement)

@@ -42,6 +42,8 @@ flags.DEFINE_integer("unloaded_tokens", 150, "Stream tokens before the first lon
 flags.DEFINE_integer("stream_tokens", 1500, "Tokens of each stream request (a new one starts when one ends).")
 flags.DEFINE_integer("seed", 0, "Seed for the prompts.")
 flags.DEFINE_string("out", None, "Write the gaps and the summary as JSON here.")
+flags.DEFINE_enum("executor", "threads", ["threads", "ray"], "threads: both instances in this process; ray: one "
+                  "process per instance, each pinned to its own core.")
 
 
 def _pct(xs, q):
@@ -125,17 +127,24 @@ def measure(core, vocab: int) -> dict:
 def main(argv):
     del argv
     placement = Placement((InstanceSpec(tp=1),), (InstanceSpec(tp=1),))
-    llm = LLM(FLAGS.model, placement=placement, max_model_len=max(2048, FLAGS.prompt_len + 64),
-              max_num_batched_tokens=max(2048, FLAGS.prompt_len), max_num_seqs=8)
-    core = llm.engine
-    vocab = llm.spec.config.vocab_size
+    kw = dict(max_model_len=max(2048, FLAGS.prompt_len + 64), max_num_batched_tokens=max(2048, FLAGS.prompt_len),
+              max_num_seqs=8)
+    if FLAGS.executor == "ray":
+        from distserve_jax.engine.factory import build_core
+        core = build_core(FLAGS.model, placement=placement, executor="ray", **kw)
+        vocab = core.spec.config.vocab_size
+        print("instances:", [(i["name"], i["pid"], i["cores"]) for i in core.info()["instances"]])
+    else:
+        llm = LLM(FLAGS.model, placement=placement, **kw)
+        core = llm.engine
+        vocab = llm.spec.config.vocab_size
     core.warmup()
     res = measure(core, vocab)
     if hasattr(core, "shutdown"):
         core.shutdown()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    print(f"machine: {cpu}, {os.cpu_count()} cores; model {FLAGS.model}, P(tp1)+D(tp1), "
+    print(f"machine: {cpu}, {os.cpu_count()} cores; executor {FLAGS.executor}; model {FLAGS.model}, P(tp1)+D(tp1), "
           f"{FLAGS.num_prefills} prefills of {FLAGS.prompt_len} tokens")
     print(f"prefill time (median):           {res['prefill_median_ms']:8.1f} ms")
     print(f"unloaded gap   median / p95:     {res['unloaded_gap_median_ms']:8.2f} / {res['unloaded_gap_p95_ms']:.2f} ms"

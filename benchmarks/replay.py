@@ -59,7 +59,7 @@ def record_from_metrics(request_id: str, prompt_len: int, m: dict[str, Any], fin
 
 def replay(core: Any, requests: Sequence[WorkloadRequest], *, max_duration_s: float = 120.0,
            params_fn: Callable[[WorkloadRequest], SamplingParams] = default_params, id_prefix: str = "r",
-           clock: Callable[[], float] = time.perf_counter) -> ReplayResult:
+           clock: Callable[[], float] | None = None) -> ReplayResult:
     """Replays `requests` (sorted by `arrival_time`, seconds from the start) against `core`.
 
     Args:
@@ -68,7 +68,8 @@ def replay(core: Any, requests: Sequence[WorkloadRequest], *, max_duration_s: fl
       max_duration_s: wall-clock bound of the run (> 0).
       params_fn: sampling parameters of each request.
       id_prefix: request ids are `f"{id_prefix}{index}"`.
-      clock: the time source; must be the engine's clock (`time.perf_counter`).
+      clock: the time source; must be the engine's clock (default: the core's `clock`, else
+        `time.perf_counter`).
 
     Raises:
       ValueError: empty or unsorted trace, a request without token ids, a bad bound, or a busy core.
@@ -84,6 +85,7 @@ def replay(core: Any, requests: Sequence[WorkloadRequest], *, max_duration_s: fl
         raise ValueError("every request needs prompt_token_ids (tokenise the workload first)")
     if core.has_unfinished_requests():
         raise ValueError("the core still has unfinished requests; replay needs an idle core")
+    clock = clock or getattr(core, "clock", time.perf_counter)
 
     ids = [f"{id_prefix}{i}" for i in range(len(requests))]
     index = {rid: i for i, rid in enumerate(ids)}
