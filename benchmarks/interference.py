@@ -140,6 +140,11 @@ def main(argv):
         vocab = llm.spec.config.vocab_size
     core.warmup()
     res = measure(core, vocab)
+    info = core.info()
+    res["controller_host_ms_per_event"] = (1e3 * info.get("controller_host_seconds", float("nan"))
+                                           / max(info.get("controller_events", 1), 1))
+    res["worker_step_ms"] = {i["name"]: 1e3 * i.get("step_time_sum", float("nan")) / max(i.get("num_steps", 1), 1)
+                             for i in info["instances"]}
     if hasattr(core, "shutdown"):
         core.shutdown()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
@@ -153,6 +158,8 @@ def main(argv):
           f"  (max {res['overlap_gap_max_ms']:.1f} ms, {res['num_overlap_gaps']} gaps)")
     print(f"p95 overlapping gap / prefill:   {res['p95_overlap_over_prefill']:8.3f}  (target <= 0.3)")
     print(f"median overlapping / unloaded:   {res['median_overlap_over_unloaded']:8.2f}  (target <= 2)")
+    print(f"host time: controller {res['controller_host_ms_per_event']:.3f} ms per event; mean worker step "
+          + ", ".join(f"{n} {v:.2f} ms" for n, v in res["worker_step_ms"].items()))
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(res, f)

@@ -111,6 +111,8 @@ class Controller:
         self.migrated_bytes = 0
         self.migration_seconds: list[float] = []
         self.failures: list[tuple[str, str]] = []  # (worker, error)
+        self.host_seconds = 0.0  # time step() spent applying events and dispatching pulls
+        self.num_events = 0
         self._dead: EngineDeadError | None = None
         self.quiesce()  # every worker's first report: sizes for validation and routing
 
@@ -221,9 +223,13 @@ class Controller:
         """Applies the workers' events (waiting up to `poll_timeout` for one) and returns the outputs."""
         if self._dead is not None:
             raise self._dead
-        for e in self.executor.poll(0 if self._pending_outputs else self.poll_timeout):
+        events = self.executor.poll(0 if self._pending_outputs else self.poll_timeout)
+        t0 = time.perf_counter()
+        for e in events:
             self._on_event(e)
         self._dispatch_pulls()
+        self.host_seconds += time.perf_counter() - t0  # host work only (not the wait), for `info()`
+        self.num_events += len(events)
         out, self._pending_outputs = self._pending_outputs, []
         if self._dead is not None and not out:
             raise self._dead
@@ -415,7 +421,8 @@ class Controller:
                 "instances": [{**self.loads[n].info(), **extra.get(n, {})} for n in self.roles],
                 "num_waiting_migration": len(self.migration_queue),
                 "num_migrating": sum(t.req.status is RequestStatus.MIGRATING for t in self._tracked.values()),
-                "migrated_bytes": self.migrated_bytes, "num_worker_failures": len(self.failures)}
+                "migrated_bytes": self.migrated_bytes, "num_worker_failures": len(self.failures),
+                "controller_host_seconds": self.host_seconds, "controller_events": self.num_events}
 
     def shutdown(self) -> None:
         self.executor.shutdown()
