@@ -16,7 +16,7 @@ _PROTO_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max
 
 
 class ServingError(Exception):
-    """A request the server refuses. `kind`: "invalid", "overloaded" or "unavailable"."""
+    """A request the server refuses. `kind`: "invalid", "overloaded", "unavailable" or "internal"."""
 
     kind = "invalid"
 
@@ -41,6 +41,12 @@ class Unavailable(ServingError):
     """Warming up or shutting down: gRPC UNAVAILABLE / HTTP 503."""
 
     kind = "unavailable"
+
+
+class InternalError(ServingError):
+    """A fault of the server, not of the request (logged): gRPC INTERNAL / HTTP 500."""
+
+    kind = "internal"
 
 
 def make_sampling_params(**fields: Any) -> SamplingParams:

@@ -19,7 +19,9 @@ class RequestOutput:
 
     `new_token_ids` / `text_delta` hold what this step added; `token_ids` / `text` the whole
     output so far. `logprobs` (when asked) has one dict token id -> logprob per generated token.
-    `metrics` (timestamps, a dict) is set on the final output.
+    `metrics` (timestamps, a dict) is set on the final output. `prompt_logprobs` (when
+    `SamplingParams.prompt_logprobs` is set) is on the first output: one entry per prompt token,
+    None for the first, else a dict token id -> logprob holding the prompt token and the top ones.
     """
 
     request_id: str
@@ -32,6 +34,7 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
     metrics: dict[str, Any] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 class OutputProcessor:
