@@ -14,7 +14,8 @@ from __future__ import annotations
 import grpc
 from absl import logging
 
-from serving.convert import InvalidRequest, ServingError, logprobs_to_proto, sampling_from_proto, timing_from_metrics
+from serving.convert import (InvalidRequest, ServingError, logprobs_to_proto, prompt_logprobs_to_proto,
+                             sampling_from_proto, timing_from_metrics)
 from serving.frontend import Frontend
 from serving.proto import distserve_pb2 as pb
 from serving.proto import distserve_pb2_grpc as pb_grpc
@@ -58,11 +59,15 @@ class DistServeServicer(pb_grpc.DistServeServicer):
             stream = fe.generate(prompt=request.prompt if has_text else None,
                                  prompt_token_ids=list(request.prompt_token_ids) if has_ids else None,
                                  params=params, request_id=request.request_id or None)
+            first = True
             async for out in stream:
                 msg = pb.GenerateResponse(request_id=out.request_id, token_ids=out.new_token_ids,
                                           text=out.text_delta,
                                           logprobs=logprobs_to_proto(out.new_token_ids, out.logprobs),
                                           finished=out.finished, finish_reason=out.finish_reason or "")
+                if first and out.prompt_logprobs:
+                    msg.prompt_logprobs.extend(prompt_logprobs_to_proto(out.prompt_token_ids, out.prompt_logprobs))
+                first = False
                 if out.finished:
                     msg.usage.prompt_tokens = len(out.prompt_token_ids)
                     msg.usage.completion_tokens = len(out.token_ids)

@@ -187,8 +187,6 @@ def parse_completion(body: dict, *, max_choices: int) -> OpenAIRequest:
         prompt_only, max_tokens = True, 1  # one token is generated and dropped: the prompt is scored
     if max_tokens is not None:
         kw["max_tokens"] = max_tokens
-    if logprobs is not None and echo:
-        raise InvalidRequest("echo with logprobs is not supported yet", param="echo")
     if logprobs is not None:
         kw["logprobs"] = logprobs
         if echo:

@@ -257,7 +257,8 @@ def apply_token(r: Request, res: SampleResult, now: float, outputs: OutputProces
     r.token_times.append(now)
     if r.prefill_end is None:
         r.prefill_end = now
-    ro, reason = outputs.process(r.request_id, res.token_id, res.logprob, res.top_logprobs)
+    ro, reason = outputs.process(r.request_id, res.token_id, res.logprob, res.top_logprobs,
+                                 prompt_logprobs=res.prompt_logprobs)
     if reason is not None:
         r.finish_time = now
         ro.metrics = request_metrics(r)

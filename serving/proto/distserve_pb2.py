@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserving/proto/distserve.proto\x12\x0c\x64istserve.v1\"\xb6\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x03H\x06\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x95\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\t\"\xa8\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x41\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32+.distserve.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"\x85\x01\n\x06Timing\x12\x12\n\nqueueing_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x13\n\x0bmigration_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.distserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.distserve.v1.Usage\x12$\n\x06timing\x18\x08 \x01(\x0b\x32\x14.distserve.v1.Timing\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ServerInfoRequest\"\x97\x01\n\x0cInstanceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\x03\x12\n\n\x02pp\x18\x04 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x03\x12\x13\n\x0bnum_running\x18\x06 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\x03\x12\x14\n\x0ctotal_blocks\x18\x08 \x01(\x03\"\xfe\x01\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x11\n\tmax_queue\x18\x05 \x01(\x03\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12\x15\n\rnum_in_flight\x18\x07 \x01(\x03\x12\r\n\x05ready\x18\x08 \x01(\x08\x12-\n\tinstances\x18\t \x03(\x0b\x32\x1a.distserve.v1.InstanceInfo\x12\x19\n\x11max_request_bytes\x18\n \x01(\x03\x12\x12\n\nmodel_path\x18\x0b \x01(\t2\xe6\x01\n\tDistServe\x12K\n\x08Generate\x12\x1d.distserve.v1.GenerateRequest\x1a\x1e.distserve.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.distserve.v1.AbortRequest\x1a\x1b.distserve.v1.AbortResponse\x12J\n\rGetServerInfo\x12\x1f.distserve.v1.ServerInfoRequest\x1a\x18.distserve.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dserving/proto/distserve.proto\x12\x0c\x64istserve.v1\"\xe8\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x03H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x06 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x03\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x15\n\x08logprobs\x18\n \x01(\x03H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0b \x01(\x03H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x95\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x35\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1c.distserve.v1.SamplingParams\x12\r\n\x05model\x18\x05 \x01(\t\"\xa8\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x41\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32+.distserve.v1.TokenLogprob.TopLogprobsEntry\x1a\x32\n\x10TopLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\"\x85\x01\n\x06Timing\x12\x12\n\nqueueing_s\x18\x01 \x01(\x01\x12\x11\n\tprefill_s\x18\x02 \x01(\x01\x12\x13\n\x0bmigration_s\x18\x03 \x01(\x01\x12\x10\n\x08\x64\x65\x63ode_s\x18\x04 \x01(\x01\x12\x0e\n\x06ttft_s\x18\x05 \x01(\x01\x12\x0e\n\x06tpot_s\x18\x06 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x07 \x01(\x01\"\x9d\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.distserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12\"\n\x05usage\x18\x07 \x01(\x0b\x32\x13.distserve.v1.Usage\x12$\n\x06timing\x18\x08 \x01(\x0b\x32\x14.distserve.v1.Timing\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.distserve.v1.TokenLogprob\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ServerInfoRequest\"\x97\x01\n\x0cInstanceInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\n\n\x02tp\x18\x03 \x01(\x03\x12\n\n\x02pp\x18\x04 \x01(\x03\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x03\x12\x13\n\x0bnum_running\x18\x06 \x01(\x03\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\x03\x12\x14\n\x0ctotal_blocks\x18\x08 \x01(\x03\"\xfe\x01\n\nServerInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x11\n\tmax_queue\x18\x05 \x01(\x03\x12\x12\n\nvocab_size\x18\x06 \x01(\x03\x12\x15\n\rnum_in_flight\x18\x07 \x01(\x03\x12\r\n\x05ready\x18\x08 \x01(\x08\x12-\n\tinstances\x18\t \x03(\x0b\x32\x1a.distserve.v1.InstanceInfo\x12\x19\n\x11max_request_bytes\x18\n \x01(\x03\x12\x12\n\nmodel_path\x18\x0b \x01(\t2\xe6\x01\n\tDistServe\x12K\n\x08Generate\x12\x1d.distserve.v1.GenerateRequest\x1a\x1e.distserve.v1.GenerateResponse0\x01\x12@\n\x05\x41\x62ort\x12\x1a.distserve.v1.AbortRequest\x1a\x1b.distserve.v1.AbortResponse\x12J\n\rGetServerInfo\x12\x1f.distserve.v1.ServerInfoRequest\x1a\x18.distserve.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_options = b'8\001'
   _globals['_SAMPLINGPARAMS']._serialized_start=48
-  _globals['_SAMPLINGPARAMS']._serialized_end=358
-  _globals['_GENERATEREQUEST']._serialized_start=361
-  _globals['_GENERATEREQUEST']._serialized_end=510
-  _globals['_TOKENLOGPROB']._serialized_start=513
-  _globals['_TOKENLOGPROB']._serialized_end=681
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=631
-  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=681
-  _globals['_USAGE']._serialized_start=683
-  _globals['_USAGE']._serialized_end=740
-  _globals['_TIMING']._serialized_start=743
-  _globals['_TIMING']._serialized_end=876
-  _globals['_GENERATERESPONSE']._serialized_start=879
-  _globals['_GENERATERESPONSE']._serialized_end=1111
-  _globals['_ABORTREQUEST']._serialized_start=1113
-  _globals['_ABORTREQUEST']._serialized_end=1147
-  _globals['_ABORTRESPONSE']._serialized_start=1149
-  _globals['_ABORTRESPONSE']._serialized_end=1179
-  _globals['_SERVERINFOREQUEST']._serialized_start=1181
-  _globals['_SERVERINFOREQUEST']._serialized_end=1200
-  _globals['_INSTANCEINFO']._serialized_start=1203
-  _globals['_INSTANCEINFO']._serialized_end=1354
-  _globals['_SERVERINFO']._serialized_start=1357
-  _globals['_SERVERINFO']._serialized_end=1611
-  _globals['_DISTSERVE']._serialized_start=1614
-  _globals['_DISTSERVE']._serialized_end=1844
+  _globals['_SAMPLINGPARAMS']._serialized_end=408
+  _globals['_GENERATEREQUEST']._serialized_start=411
+  _globals['_GENERATEREQUEST']._serialized_end=560
+  _globals['_TOKENLOGPROB']._serialized_start=563
+  _globals['_TOKENLOGPROB']._serialized_end=731
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_start=681
+  _globals['_TOKENLOGPROB_TOPLOGPROBSENTRY']._serialized_end=731
+  _globals['_USAGE']._serialized_start=733
+  _globals['_USAGE']._serialized_end=790
+  _globals['_TIMING']._serialized_start=793
+  _globals['_TIMING']._serialized_end=926
+  _globals['_GENERATERESPONSE']._serialized_start=929
+  _globals['_GENERATERESPONSE']._serialized_end=1214
+  _globals['_ABORTREQUEST']._serialized_start=1216
+  _globals['_ABORTREQUEST']._serialized_end=1250
+  _globals['_ABORTRESPONSE']._serialized_start=1252
+  _globals['_ABORTRESPONSE']._serialized_end=1282
+  _globals['_SERVERINFOREQUEST']._serialized_start=1284
+  _globals['_SERVERINFOREQUEST']._serialized_end=1303
+  _globals['_INSTANCEINFO']._serialized_start=1306
+  _globals['_INSTANCEINFO']._serialized_end=1457
+  _globals['_SERVERINFO']._serialized_start=1460
+  _globals['_SERVERINFO']._serialized_end=1714
+  _globals['_DISTSERVE']._serialized_start=1717
+  _globals['_DISTSERVE']._serialized_end=1947
 # @@protoc_insertion_point(module_scope)

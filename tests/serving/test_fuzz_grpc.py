@@ -116,7 +116,7 @@ INTS = st.integers(-2**63, 2**63 - 1) | st.integers(-3, 70)
 SAMPLING = st.builds(
     pb.SamplingParams, temperature=FLOATS, top_p=FLOATS, top_k=INTS, min_p=FLOATS, seed=INTS,
     max_tokens=st.integers(-5, 70) | INTS, stop=st.lists(st.text(max_size=4), max_size=2),
-    stop_token_ids=st.lists(INTS, max_size=2), ignore_eos=st.booleans(), logprobs=INTS)
+    stop_token_ids=st.lists(INTS, max_size=2), ignore_eos=st.booleans(), logprobs=INTS, prompt_logprobs=INTS)
 
 
 @FUZZ
