@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving.client import Client
-from tests.serving.conftest import MAX_REQUEST_BYTES, wait_all_free
+from tests.serving.conftest import MAX_REQUEST_BYTES, post, wait_all_free
 
 MODEL = "tiny-llama"
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -42,17 +42,6 @@ JSON = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=3) | st.dictio
 def all_blocks_free_after_test(server):
     yield
     wait_all_free(server.address)
-
-
-def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, bytes]:
-    url = urllib.parse.urlparse(server.http)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
 
 
 def check_response(status: int, data: bytes, fields: set[str]) -> None:

@@ -11,8 +11,7 @@ import openai
 import pytest
 
 from serving.client import Client
-from tests.serving.conftest import ENGINE_KW, wait_all_free
-from tests.serving.test_fuzz_http import post
+from tests.serving.conftest import ENGINE_KW, post, wait_all_free
 
 MODEL = "tiny-llama"
 
