@@ -131,7 +131,8 @@ class OpenAIRequest:
         return dataclasses.replace(self.params, seed=(self.params.seed + index) % (MAX_SEED + 1))
 
 
-def _common(body: dict, *, chat: bool, max_choices: int) -> dict[str, Any]:
+def _common(body: dict, *, chat: bool) -> dict[str, Any]:
+    """The fields completions and chat share (refused ones, n, best_of, streaming, sampling)."""
     for key, allowed in REFUSED.items():
         value = body.get(key)
         if value not in allowed:
@@ -164,8 +165,7 @@ def _common(body: dict, *, chat: bool, max_choices: int) -> dict[str, Any]:
     max_tokens = _optional(body, "max_completion_tokens", (int,), "an integer") if chat else None
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", (int,), "an integer")
-    return {"n": n, "stream": stream, "include_usage": include_usage, "kw": kw, "max_tokens": max_tokens,
-            "max_choices": max_choices}
+    return {"n": n, "stream": stream, "include_usage": include_usage, "kw": kw, "max_tokens": max_tokens}
 
 
 def _check_choices(num: int, max_choices: int) -> None:
@@ -176,7 +176,7 @@ def _check_choices(num: int, max_choices: int) -> None:
 
 def parse_completion(body: dict, *, max_choices: int) -> OpenAIRequest:
     """A /v1/completions body (already `check_json_tree`d) -> `OpenAIRequest`."""
-    c = _common(body, chat=False, max_choices=max_choices)
+    c = _common(body, chat=False)
     prompts = _prompts(body.get("prompt"))
     _check_choices(c["n"] * len(prompts), max_choices)
     echo = bool(_optional(body, "echo", (bool,), "a boolean"))
@@ -198,7 +198,7 @@ def parse_completion(body: dict, *, max_choices: int) -> OpenAIRequest:
 
 def parse_chat(body: dict, tokenizer: Any, *, max_choices: int) -> OpenAIRequest:
     """A /v1/chat/completions body (already `check_json_tree`d) -> `OpenAIRequest` (the rendered prompt)."""
-    c = _common(body, chat=True, max_choices=max_choices)
+    c = _common(body, chat=True)
     if body.get("echo"):
         raise InvalidRequest("echo is supported by /v1/completions only", param="echo")
     _check_choices(c["n"], max_choices)
@@ -226,20 +226,16 @@ def parse_chat(body: dict, tokenizer: Any, *, max_choices: int) -> OpenAIRequest
 def _prompts(p: Any) -> list[tuple[str | None, list[int] | None]]:
     """`prompt`: a string, a list of token ids, or a non-empty list of either (one choice set each)."""
     if isinstance(p, str) or _is_ids(p):
-        return [_one_prompt(p, "prompt")]
-    if isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and _is_ids(x)) for x in p):
-        return [_one_prompt(x, f"prompt[{i}]") for i, x in enumerate(p)]
-    raise InvalidRequest(f"prompt must be a string, a list of token ids, or a list of those, got {_describe(p)}",
-                         param="prompt")
+        return [_one_prompt(p)]
+    if isinstance(p, list) and p and all(isinstance(x, str) or _is_ids(x) for x in p):
+        return [_one_prompt(x) for x in p]
+    raise InvalidRequest(f"prompt must be a string, a non-empty list of token ids, or a list of those, "
+                         f"got {_describe(p)}", param="prompt")
 
 
 def _is_ids(p: Any) -> bool:
     return isinstance(p, list) and bool(p) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
 
 
-def _one_prompt(p: Any, where: str) -> tuple[str | None, list[int] | None]:
-    if isinstance(p, str):
-        return p, None
-    if not p:
-        raise InvalidRequest(f"{where} is empty", param="prompt")
-    return None, list(p)
+def _one_prompt(p: str | list[int]) -> tuple[str | None, list[int] | None]:
+    return (p, None) if isinstance(p, str) else (None, list(p))
