@@ -111,6 +111,11 @@ class SamplingParams:
         or the output: positive logits are divided by it, negative ones multiplied. > 0;
         1 = off.
       include_stop_str_in_output: Whether a matched stop string is kept in the output text.
+      prompt_logprobs: Number of most likely tokens whose logprobs are returned for each prompt
+        position, besides the prompt token's own logprob (vLLM's `prompt_logprobs`): entry i is
+        the distribution of prompt token i given the tokens before it; entry 0 is None. In
+        [0, 20]; None = off. Computing them takes the logits of every prompt position, so only
+        requests that ask for them pay for it.
     """
 
     temperature: float = 1.0
@@ -127,6 +132,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         def set_(name: str, value: Any) -> None:  # The dataclass is frozen.
@@ -172,6 +178,12 @@ class SamplingParams:
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
             set_("logprobs", logprobs)
+
+        if self.prompt_logprobs is not None:
+            prompt_logprobs = _check_int("prompt_logprobs", self.prompt_logprobs)
+            if not 0 <= prompt_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {prompt_logprobs}")
+            set_("prompt_logprobs", prompt_logprobs)
 
         for name in ("presence_penalty", "frequency_penalty"):
             penalty = _check_float(name, getattr(self, name))

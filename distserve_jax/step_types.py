@@ -25,9 +25,12 @@ class SeqWork:
       seed: the request's seed (used when `sampling.seed` is None).
       num_generated: tokens generated so far (the sampler's per-request RNG counter).
       sample: False for a prompt chunk that does not reach the end of the prompt.
-      prompt_ids, output_ids: the request's tokens, read only when penalties are on.
+      prompt_ids, output_ids: the request's tokens, read only when penalties or prompt logprobs
+        are on.
       prev_row: feed the token sampled for row `prev_row` of the step passed to `launch` as
         `prev` (still on the device) instead of `token_ids`, which must then be one placeholder.
+      request_id: the request's id; keys the prompt logprobs of a prompt prefilled in several
+        chunks (`runtime/prompt_logprobs.py`).
     """
 
     token_ids: Sequence[int]
@@ -40,6 +43,7 @@ class SeqWork:
     prompt_ids: Sequence[int] = ()
     output_ids: Sequence[int] = ()
     prev_row: int | None = None
+    request_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,3 +51,4 @@ class SampleResult:
     token_id: int
     logprob: float
     top_logprobs: dict[int, float]  # empty unless asked for
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with the first token, when asked for

@@ -150,10 +150,13 @@ struct DecodeItem {
   const float* q;         // [G, D] this item's query heads
   const float* k;         // [P, PS, D] this kv head's pages
   const float* v;
-  const int32_t* table;   // [W] the sequence's page ids (validated)
+  const int32_t* table;   // [W] the sequence's page ids (clamped into [0, P) when read)
   float* out;             // [G, D]
-  int64_t G, D, PS, first, len;
+  int64_t G, D, PS, P, first, len;
   float scale;
+
+  // The index contract shared with the jnp reference: page ids are clamped into [0, P - 1].
+  int64_t Page(int64_t j) const { return std::min<int64_t>(std::max<int64_t>(table[j], 0), P - 1); }
 };
 
 // One query head's state for any head_dim: the scaled query read in place, the output row in memory.
@@ -259,12 +262,12 @@ void Attend(const DecodeItem& it) {
     }
     for (int64_t j = it.first / PS; j * PS < it.len; ++j) {
       const int64_t t0 = std::max(it.first, j * PS), t1 = std::min(it.len, (j + 1) * PS);
-      const float* kb = it.k + static_cast<int64_t>(it.table[j]) * PS * D;  // token t at kb + (t - j * PS) * D
-      const float* vb = it.v + static_cast<int64_t>(it.table[j]) * PS * D;
+      const float* kb = it.k + it.Page(j) * PS * D;  // token t at kb + (t - j * PS) * D
+      const float* vb = it.v + it.Page(j) * PS * D;
       if ((j + 1) * PS < it.len) {
         // The next page sits anywhere in the cache (the hardware prefetchers cannot guess it):
         // ask for it now, so its lines arrive while this page is being scored.
-        const int64_t off = static_cast<int64_t>(it.table[j + 1]) * PS * D;
+        const int64_t off = it.Page(j + 1) * PS * D;
         for (int64_t b = 0; b < PS * D; b += 16) {
           __builtin_prefetch(it.k + off + b);
           __builtin_prefetch(it.v + off + b);
@@ -293,14 +296,6 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t G = Hq / Hkv;
   const int32_t* bt = block_tables.typed_data();
   const int32_t* lens = lengths.typed_data();
-  // Every page a sequence will read must exist: checked here, so the kernels never read outside.
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t len = std::min<int64_t>(lens[s], W * PS);
-    const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
-    for (int64_t j = first / PS; j * PS < len; ++j)
-      if (bt[s * W + j] < 0 || bt[s * W + j] >= P)
-        return ffi::Error::InvalidArgument("paged_decode: block table holds a page id out of range");
-  }
   void (*attend)(const DecodeItem&) = Attend<GenericRow>;
   switch (D) {
     case 64: attend = Attend<VecRow<8>>; break;
@@ -323,7 +318,7 @@ ffi::Error PagedDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     }
     const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
     attend(DecodeItem{qp + (s * Hq + h * G) * D, kp + h * P * PS * D, vp + h * P * PS * D, bt + s * W, o,
-                      G, D, PS, first, len, scale});
+                      G, D, PS, P, first, len, scale});
   });
   return ffi::Error::Success();
 }
@@ -348,7 +343,7 @@ ffi::Error WriteKVImpl(ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pa
   const float* vn = v.typed_data();
   for (int64_t t = 0; t < T; ++t) {
     const int64_t slot = sl[t];
-    if (slot < 0 || slot >= P * PS) return ffi::Error::InvalidArgument("write_kv: slot out of range");
+    if (slot < 0 || slot >= P * PS) continue;  // the index contract: writes outside the cache are dropped
     for (int64_t h = 0; h < Hkv; ++h) {
       std::memcpy(ko + (h * P * PS + slot) * D, kn + (t * Hkv + h) * D, D * sizeof(float));
       std::memcpy(vo + (h * P * PS + slot) * D, vn + (t * Hkv + h) * D, D * sizeof(float));
@@ -361,18 +356,22 @@ ffi::Error WriteKVImpl(ffi::Buffer<ffi::F32> k_pages, ffi::Buffer<ffi::F32> v_pa
 
 // Copies whole pages between a page array `[H, P, PS, D]` and a block list `[H, n, PS, D]`:
 // block i is page ids[i] of every head. `to_blocks` picks the direction (gather when true).
-// With repeated ids, a scatter's last block wins.
+// With repeated ids, a scatter's last block wins. The index contract of the jnp reference: a
+// gather clamps ids into [0, P - 1], a scatter drops blocks whose id is outside [0, P).
 ffi::Error MovePages(ffi::ThreadPool& pool, const char* name, ffi::Span<const int64_t> pd,
                      ffi::Span<const int64_t> bd, const int32_t* ids, int64_t n, float* pages, float* blocks,
                      bool to_blocks) {
   if (pd.size() != 4 || bd.size() != 4 || bd[0] != pd[0] || bd[1] != n || bd[2] != pd[2] || bd[3] != pd[3])
     return ffi::Error::InvalidArgument(std::string(name) + ": inconsistent shapes");
   const int64_t H = pd[0], P = pd[1], page = pd[2] * pd[3];
-  for (int64_t i = 0; i < n; ++i)
-    if (ids[i] < 0 || ids[i] >= P) return ffi::Error::InvalidArgument(std::string(name) + ": page id out of range");
   ParallelFor(pool, H, [&](int64_t h) {
     for (int64_t i = 0; i < n; ++i) {
-      float* pg = pages + (h * P + ids[i]) * page;
+      int64_t id = ids[i];
+      if (id < 0 || id >= P) {
+        if (!to_blocks) continue;
+        id = std::min<int64_t>(std::max<int64_t>(id, 0), P - 1);
+      }
+      float* pg = pages + (h * P + id) * page;
       float* bl = blocks + (h * n + i) * page;
       std::memcpy(to_blocks ? bl : pg, to_blocks ? pg : bl, page * sizeof(float));
     }

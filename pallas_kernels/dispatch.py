@@ -20,6 +20,11 @@ replicated): every kernel program only reads its own kv head's pages. The Pallas
 declare their outputs' mesh-axis variance, so they run under `shard_map(check_vma=True)`; the
 exception is ``pallas_interpret``, whose interpreter (JAX 0.10) fails JAX's variance check
 inside `shard_map`, so interpret-mode runs under `shard_map` need `check_vma=False`.
+
+Every entry point checks its arguments first (`validation.py`): shapes and dtypes always, the
+values of the index arrays when they are concrete (outside `jit`: out-of-range page ids, lengths
+beyond a block table's capacity, a bad `query_start_loc` raise ValueError); under `jit` every
+backend follows the index contract of `reference.py`. numpy arrays are accepted and converted.
 """
 
 from __future__ import annotations
@@ -83,7 +88,10 @@ def ragged_prefill_attention(q, k, v, query_start_loc, context_lens, *, k_pages=
     name = resolve_backend(backend)
     validation.check_prefill(q, k, v, query_start_loc, context_lens, k_pages, v_pages,
                              block_tables, scale, sliding_window)
+    validation.check_prefill_values(q, query_start_loc, context_lens, k_pages, block_tables)
     scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
+    q, k, v, query_start_loc, context_lens, k_pages, v_pages, block_tables = _arrays(
+        q, k, v, query_start_loc, context_lens, k_pages, v_pages, block_tables)
     if name in ("reference", "xla", "native"):
         return reference.ragged_prefill_attention_ref(
             q, k, v, query_start_loc, context_lens, k_pages=k_pages, v_pages=v_pages,
@@ -102,7 +110,9 @@ def paged_decode_attention(q, k_pages, v_pages, block_tables, lengths, *, scale:
     """
     name = resolve_backend(backend)
     validation.check_decode(q, k_pages, v_pages, block_tables, lengths, scale, sliding_window)
+    validation.check_decode_values(k_pages, block_tables, lengths)
     scale, sliding_window = validation.static_scale_and_window(scale, sliding_window)
+    q, k_pages, v_pages, block_tables, lengths = _arrays(q, k_pages, v_pages, block_tables, lengths)
     if name == "reference":
         return reference.paged_decode_attention_ref(
             q, k_pages, v_pages, block_tables, lengths, scale=scale, sliding_window=sliding_window)
@@ -129,6 +139,8 @@ def write_kv_pages(k_pages, v_pages, k, v, slot_mapping, *, backend: str | None 
     """
     name = resolve_backend(backend)
     validation.check_write(k_pages, v_pages, k, v, slot_mapping)
+    validation.check_write_values(k_pages, slot_mapping)
+    k_pages, v_pages, k, v, slot_mapping = _arrays(k_pages, v_pages, k, v, slot_mapping)
     if writes_kv_in_place(name, k_pages.dtype) and _all_f32(v_pages, k, v):
         return cpu_native.write_kv_pages(k_pages, v_pages, k, v, slot_mapping)
     return reference.write_kv_pages_ref(k_pages, v_pages, k, v, slot_mapping)
@@ -148,6 +160,8 @@ def gather_pages(pages, page_ids, *, backend: str | None = None):
     block by element block (RESULTS.md: the KV pull's gather cost 1-6x the copy itself).
     """
     validation.check_page_blocks(pages, page_ids)
+    validation.check_page_id_values(pages, page_ids)
+    pages, page_ids = _arrays(pages, page_ids)
     if writes_kv_in_place(backend, pages.dtype):
         return cpu_native.gather_pages(pages, page_ids)
     return reference.gather_pages_ref(pages, page_ids)
@@ -157,9 +171,16 @@ def scatter_pages(pages, blocks, page_ids, *, backend: str | None = None):
     """`pages.at[:, page_ids].set(blocks)`, in place when the pages are donated; see
     `reference.scatter_pages_ref` (``native``: one memcpy per page into the aliased pages)."""
     validation.check_page_blocks(pages, page_ids, blocks)
+    validation.check_page_id_values(pages, page_ids)
+    pages, blocks, page_ids = _arrays(pages, blocks, page_ids)
     if writes_kv_in_place(backend, pages.dtype) and _all_f32(blocks):
         return cpu_native.scatter_pages(pages, blocks, page_ids)
     return reference.scatter_pages_ref(pages, blocks, page_ids)
+
+
+def _arrays(*xs):
+    """numpy inputs as JAX arrays (tracers and JAX arrays pass through; None stays None)."""
+    return tuple(x if x is None or isinstance(x, jax.Array) else jnp.asarray(x) for x in xs)
 
 
 def _all_f32(*xs) -> bool:

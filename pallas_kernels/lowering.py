@@ -173,6 +173,9 @@ def online_softmax_step(carry, q, k, v, mask, scale_log2):
       scale_log2: softmax scale times log2(e).
     """
     acc, m_prev, l_prev = carry
+    # Keys no row sees contribute by selection, never as 0 * value (a stale NaN would survive that).
+    seen = jnp.max(jnp.where(mask, 1.0, 0.0), axis=0) > 0  # (Triton lowers no reduce_or)
+    v = jnp.where(seen[:, None], v, jnp.zeros_like(v))
     s = dot(q, k, trans_b=True) * scale_log2
     s = jnp.where(mask, s, MASK_VALUE)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=-1))

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import lowering, validation
+from pallas_kernels import lowering, reference, validation
 from pallas_kernels.lowering import MASK_VALUE, LOG2E, Launch
 
 # Columns of the per-block schedule (`build_schedule`).
@@ -51,7 +51,7 @@ def build_schedule(query_start_loc: jax.Array, context_lens: jax.Array, num_toke
       for padding/idle), its block-table row, and 1 if the block belongs to a real sequence.
     """
     num_seqs = context_lens.shape[0]
-    qsl = jnp.clip(query_start_loc.astype(jnp.int32), 0, num_tokens)
+    qsl = reference.clamp_query_start_loc(query_start_loc, num_tokens)  # the index contract
     # Segments 0..num_seqs-1 are the sequences, segment num_seqs is the padding tail.
     seg_start = qsl
     seg_end = jnp.concatenate([qsl[1:], jnp.array([num_tokens], jnp.int32)])
@@ -210,6 +210,8 @@ def ragged_prefill_attention(
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     has_context = k_pages is not None
+    if has_context:  # the index contract: a context never reads past its block table row
+        context_lens = reference.clamp_lengths(context_lens, block_tables.shape[1] * k_pages.shape[2])
     sched = build_schedule(query_start_loc, context_lens, num_tokens, block_q)
     num_blocks = sched.shape[0]
 

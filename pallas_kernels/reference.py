@@ -9,6 +9,23 @@ tokens write there and padded sequences read nothing.
 
 Sliding window (Mistral): a query at position p attends to keys at positions k with
 `p - window < k <= p`.
+
+Isolation: a query's output depends only on the keys and values it attends. Masked entries
+(slots past a sequence's length, other sequences' tokens, padding, stale data in a page) are
+*selected* away (`jnp.where`), never multiplied by a zero probability, so a NaN or Inf left in one
+of them (by a request whose activations overflowed, or in a freed page) cannot reach another
+request's output (0 * NaN would be NaN). Freed pages are therefore not scrubbed: every reader
+masks by its own lengths, on every backend, which is what the isolation tests check.
+
+Index contract. Outside `jit` the dispatcher (`dispatch.py`) checks the index arrays' values and
+raises ValueError. Inside `jit` they cannot be checked, and every backend treats out-of-range
+values the same way (the `clamp_*` functions here; the Pallas kernels and the C++ kernels do the same):
+page ids are clamped into `[0, num_pages - 1]`; decode lengths and context lengths into
+`[0, max_blocks * page_size]` (the block table's capacity); `query_start_loc` into
+`[0, num_tokens]`, made non-decreasing, with its first entry taken as 0; KV writes to slots
+outside `[0, num_pages * page_size)` and page scatters to ids outside `[0, num_pages)` are dropped.
+The results are then wrong but the same on every backend, and nothing outside the arrays is read
+or written.
 """
 
 from __future__ import annotations
@@ -18,6 +35,22 @@ import jax.numpy as jnp
 
 _MASK = -1e30
 _QUERY_BLOCK = 128  # query tokens attended together by the ragged prefill reference
+
+
+def clamp_page_ids(block_tables: jax.Array, num_pages: int) -> jax.Array:
+    """Page ids clamped into `[0, num_pages - 1]` (the index contract)."""
+    return jnp.clip(block_tables.astype(jnp.int32), 0, num_pages - 1)
+
+
+def clamp_query_start_loc(query_start_loc: jax.Array, num_tokens: int) -> jax.Array:
+    """`query_start_loc` clamped into `[0, num_tokens]`, non-decreasing, starting at 0 (the index contract)."""
+    qsl = jnp.clip(query_start_loc.astype(jnp.int32), 0, num_tokens)
+    return jax.lax.cummax(qsl.at[0].set(0))
+
+
+def clamp_lengths(lengths: jax.Array, capacity: int) -> jax.Array:
+    """Lengths clamped into `[0, capacity]` (the index contract; capacity = max_blocks * page_size)."""
+    return jnp.clip(lengths.astype(jnp.int32), 0, capacity)
 
 
 def _window_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -65,6 +98,12 @@ def ragged_prefill_attention_ref(
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     num_seqs = context_lens.shape[0]
+    query_start_loc = clamp_query_start_loc(query_start_loc, num_tokens)
+    if k_pages is not None:
+        context_lens = clamp_lengths(context_lens, block_tables.shape[1] * k_pages.shape[2])
+        block_tables = clamp_page_ids(block_tables, k_pages.shape[1])
+    else:
+        context_lens = jnp.maximum(context_lens.astype(jnp.int32), 0)
 
     tok = jnp.arange(num_tokens, dtype=jnp.int32)
     # Sequence id of every token (num_seqs for padding tokens).
@@ -75,6 +114,11 @@ def ragged_prefill_attention_ref(
     pos = ctx + tok - query_start_loc[seq_c]
 
     kf, vf = k.astype(jnp.float32), v.astype(jnp.float32)
+    # The chunk's values are shared by every query block, so masking them per query would cost a
+    # [block, tokens, heads, head_dim] copy: non-finite values are zeroed instead, and a query that
+    # attends one of them is set to NaN at the end (what multiplying would have given it).
+    v_bad = ~jnp.all(jnp.isfinite(vf), axis=-1)  # [num_tokens, kv_heads]
+    vf = jnp.where(v_bad[..., None], 0.0, vf)
     if k_pages is not None:
         # Each sequence's cached context, gathered once: [kv_heads, num_seqs, C, head_dim].
         page_size, max_blocks = k_pages.shape[2], block_tables.shape[1]
@@ -100,11 +144,17 @@ def ragged_prefill_attention_ref(
         denom = jnp.sum(p, axis=-1, keepdims=True)
         p = p / jnp.where(denom == 0, 1.0, denom)
         out = jnp.einsum("hgqk,khd->qhgd", p[..., :num_tokens], vf)
+        sees_bad = jnp.einsum("qk,kh->qh", mask.astype(jnp.float32), v_bad.astype(jnp.float32)) > 0
         if k_pages is not None:
+            # Per query, so selected: slots past the context (stale pages) never reach the output.
+            vcb = jnp.where(mask_c[None, :, :, None], vcb, 0.0)
             out = out + jnp.einsum("hgqc,hqcd->qhgd", p[..., num_tokens:], vcb)
+        out = jnp.where(sees_bad[:, :, None, None], jnp.nan, out)
         return out.reshape(-1, num_q_heads, head_dim)
 
     # Query tokens in blocks, so the per-token context never materialises for the whole batch.
+    if num_tokens == 0:
+        return jnp.zeros_like(q)
     block = min(num_tokens, _QUERY_BLOCK)
     if num_tokens % block:
         block = num_tokens
@@ -143,6 +193,8 @@ def paged_decode_attention_ref(
     group = num_q_heads // num_kv_heads
     max_blocks = block_tables.shape[1]
     ctx = max_blocks * page_size
+    block_tables = clamp_page_ids(block_tables, k_pages.shape[1])
+    lengths = clamp_lengths(lengths, ctx)
 
     k = k_pages[:, block_tables].reshape(num_kv_heads, num_seqs, ctx, head_dim)
     v = v_pages[:, block_tables].reshape(num_kv_heads, num_seqs, ctx, head_dim)
@@ -156,7 +208,8 @@ def paged_decode_attention_ref(
     p = jnp.where(m <= _MASK / 2, 0.0, jnp.exp(s - m))
     denom = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(denom == 0, 1.0, denom)
-    out = jnp.einsum("bhgc,hbcd->bhgd", p, v.astype(jnp.float32))
+    v = jnp.where(mask[None, :, :, None], v.astype(jnp.float32), 0.0)  # selected, never 0 * stale
+    out = jnp.einsum("bhgc,hbcd->bhgd", p, v)
     return out.reshape(num_seqs, num_q_heads, head_dim).astype(q.dtype)
 
 
@@ -174,18 +227,27 @@ def write_kv_pages_ref(
       The updated `(k_pages, v_pages)`.
     """
     h, n, ps, d = k_pages.shape
-    kf = k_pages.reshape(h, n * ps, d).at[:, slot_mapping].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype))
-    vf = v_pages.reshape(h, n * ps, d).at[:, slot_mapping].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype))
+    slots = _drop_outside(slot_mapping, n * ps)
+    kf = k_pages.reshape(h, n * ps, d).at[:, slots].set(jnp.swapaxes(k, 0, 1).astype(k_pages.dtype), mode="drop")
+    vf = v_pages.reshape(h, n * ps, d).at[:, slots].set(jnp.swapaxes(v, 0, 1).astype(v_pages.dtype), mode="drop")
     return kf.reshape(h, n, ps, d), vf.reshape(h, n, ps, d)
+
+
+def _drop_outside(idx: jax.Array, size: int) -> jax.Array:
+    """`idx` with entries outside `[0, size)` moved to `size` (dropped by a `mode="drop"` scatter;
+    JAX would otherwise wrap negative ones around)."""
+    idx = idx.astype(jnp.int32)
+    return jnp.where((idx >= 0) & (idx < size), idx, size)
 
 
 def gather_pages_ref(pages: jax.Array, page_ids: jax.Array) -> jax.Array:
     """Whole pages by id: `[num_kv_heads, num_pages, page_size, head_dim]` pages, `[n]` ids ->
-    `[num_kv_heads, n, page_size, head_dim]`."""
-    return pages[:, page_ids]
+    `[num_kv_heads, n, page_size, head_dim]` (ids clamped into `[0, num_pages - 1]`)."""
+    return pages[:, clamp_page_ids(page_ids, pages.shape[1])]
 
 
 def scatter_pages_ref(pages: jax.Array, blocks: jax.Array, page_ids: jax.Array) -> jax.Array:
     """`pages` with `blocks` `[num_kv_heads, n, page_size, head_dim]` written at pages `page_ids`
-    (in place when the pages are donated). Which block lands on a repeated id is unspecified."""
-    return pages.at[:, page_ids].set(blocks.astype(pages.dtype))
+    (in place when the pages are donated). Which block lands on a repeated id is unspecified; ids
+    outside `[0, num_pages)` are dropped."""
+    return pages.at[:, _drop_outside(page_ids, pages.shape[1])].set(blocks.astype(pages.dtype), mode="drop")

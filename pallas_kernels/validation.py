@@ -1,7 +1,10 @@
 """Argument checks shared by every attention backend, so bad inputs fail the same clear way.
 
-Only static properties (ranks, shapes, dtypes, Python scalars) are checked: the values inside
-`query_start_loc`, `lengths` or `block_tables` may be traced and are the caller's contract.
+Static properties (array-ness, ranks, non-empty shapes, dtypes, Python scalars) are always
+checked. The values inside `query_start_loc`, `context_lens`, `lengths`, `block_tables`,
+`slot_mapping` and `page_ids` are checked too when they are concrete (numpy arrays, or JAX arrays
+outside `jit`): out-of-range values raise ValueError. Under `jit` they are tracers and cannot be
+checked; then the index contract of `reference.py` says what every backend does with them.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _rank(name: str, x, rank: int) -> None:
     if x is None:
         raise ValueError(f"{name} is required")
+    if not hasattr(x, "ndim") or not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise ValueError(f"{name} must be a JAX or numpy array, got {type(x).__name__}")
     if x.ndim != rank:
         raise ValueError(f"{name} must have rank {rank}, got shape {tuple(x.shape)}")
 
@@ -89,6 +95,8 @@ def check_prefill(q, k, v, query_start_loc, context_lens, k_pages, v_pages, bloc
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
     num_tokens, num_q_heads, head_dim = q.shape
+    if num_tokens < 1 or num_q_heads < 1 or head_dim < 1:
+        raise ValueError(f"q needs >= 1 token, query head and head_dim, got shape {tuple(q.shape)}")
     if k.shape[0] != num_tokens:
         raise ValueError(f"k has {k.shape[0]} tokens, q has {num_tokens}")
     if k.shape[2] != head_dim:
@@ -120,6 +128,8 @@ def check_decode(q, k_pages, v_pages, block_tables, lengths, scale: float,
     _rank("q", q, 3)
     _floating("q", q)
     num_seqs, num_q_heads, head_dim = q.shape
+    if num_seqs < 1 or num_q_heads < 1 or head_dim < 1:
+        raise ValueError(f"q needs >= 1 sequence, query head and head_dim, got shape {tuple(q.shape)}")
     if k_pages is None or v_pages is None:
         raise ValueError("k_pages and v_pages are required")
     _rank("k_pages", k_pages, 4)
@@ -158,3 +168,71 @@ def check_page_blocks(pages, page_ids, blocks=None) -> None:
         want = (pages.shape[0], page_ids.shape[0], pages.shape[2], pages.shape[3])
         if tuple(blocks.shape) != want:
             raise ValueError(f"blocks {tuple(blocks.shape)} must be {want} (heads, ids, page_size, head_dim)")
+
+
+# ----------------------------------------------------------------------------- concrete values
+def _concrete(*xs) -> bool:
+    """True when no array is a tracer (its values can be read)."""
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def _first_bad(name: str, values: np.ndarray, lo: int, hi: int, what: str) -> None:
+    """Raises naming the first entry of `values` outside `[lo, hi]`."""
+    bad = np.argwhere((values < lo) | (values > hi))
+    if bad.size:
+        idx = tuple(int(i) for i in bad[0])
+        where = idx[0] if len(idx) == 1 else list(idx)
+        raise ValueError(f"{name}[{where}] = {int(values[idx])} is outside [{lo}, {hi}] ({what})")
+
+
+def check_prefill_values(q, query_start_loc, context_lens, k_pages, block_tables) -> None:
+    """Value checks of `ragged_prefill_attention` (concrete arrays only; see the module docstring)."""
+    if not _concrete(query_start_loc, context_lens, block_tables):
+        return
+    num_tokens = q.shape[0]
+    qsl = np.asarray(query_start_loc).astype(np.int64)
+    if qsl[0] != 0:
+        raise ValueError(f"query_start_loc must start at 0, got {int(qsl[0])}")
+    steps = np.diff(qsl)
+    if (steps < 0).any():
+        i = int(np.argmax(steps < 0))
+        raise ValueError(f"query_start_loc must be non-decreasing, got {int(qsl[i])} then {int(qsl[i + 1])} "
+                         f"at entries {i}, {i + 1}")
+    _first_bad("query_start_loc", qsl, 0, num_tokens, f"q has {num_tokens} tokens")
+    ctx = np.asarray(context_lens).astype(np.int64)
+    if k_pages is None:
+        _first_bad("context_lens", ctx, 0, 0, "a context needs the paged cache: pass k_pages, v_pages and "
+                   "block_tables")
+        return
+    capacity = block_tables.shape[1] * k_pages.shape[2]
+    _first_bad("context_lens", ctx, 0, capacity, "the block table holds max_blocks * page_size tokens")
+    _first_bad("block_tables", np.asarray(block_tables).astype(np.int64), 0, k_pages.shape[1] - 1,
+               f"page ids of a cache of {k_pages.shape[1]} pages")
+
+
+def check_decode_values(k_pages, block_tables, lengths) -> None:
+    """Value checks of `paged_decode_attention` (concrete arrays only)."""
+    if not _concrete(block_tables, lengths):
+        return
+    capacity = block_tables.shape[1] * k_pages.shape[2]
+    _first_bad("lengths", np.asarray(lengths).astype(np.int64), 0, capacity,
+               "the block table holds max_blocks * page_size tokens")
+    _first_bad("block_tables", np.asarray(block_tables).astype(np.int64), 0, k_pages.shape[1] - 1,
+               f"page ids of a cache of {k_pages.shape[1]} pages")
+
+
+def check_write_values(k_pages, slot_mapping) -> None:
+    """Value checks of `write_kv_pages` (concrete arrays only)."""
+    if not _concrete(slot_mapping):
+        return
+    slots = k_pages.shape[1] * k_pages.shape[2]
+    _first_bad("slot_mapping", np.asarray(slot_mapping).astype(np.int64), 0, slots - 1,
+               f"slots of a cache of {k_pages.shape[1]} pages of {k_pages.shape[2]}")
+
+
+def check_page_id_values(pages, page_ids) -> None:
+    """Value checks of `gather_pages` / `scatter_pages` (concrete arrays only)."""
+    if not _concrete(page_ids):
+        return
+    _first_bad("page_ids", np.asarray(page_ids).astype(np.int64), 0, pages.shape[1] - 1,
+               f"a cache of {pages.shape[1]} pages")

@@ -6,13 +6,17 @@ CPU gather does that slowly and the copy doubles the bytes moved. Here each scan
 page per sequence (`[kv_heads, num_seqs, page_size, head_dim]`, contiguous pages) and folds it
 into a running max / sum / accumulator, flash-decoding style, so the cache is read once and
 nothing the size of the context is materialised. Same semantics as the reference (tested
-against it); this is the `xla` backend of `dispatch.py` and the default on CPU.
+against it), including its isolation (slots past a sequence's length are selected away, so stale
+NaN/Inf in a page never reaches the output) and its index contract (page ids and lengths
+clamped); this is the `xla` backend of `dispatch.py` and the CPU fallback of `native`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.reference import clamp_lengths, clamp_page_ids
 
 _MASK = -1e30
 
@@ -33,6 +37,8 @@ def paged_decode_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
     num_kv_heads, _, page_size, _ = k_pages.shape
     group = num_q_heads // num_kv_heads
     qf = q.astype(jnp.float32).reshape(num_seqs, num_kv_heads, group, head_dim) * scale
+    block_tables = clamp_page_ids(block_tables, k_pages.shape[1])
+    lengths = clamp_lengths(lengths, block_tables.shape[1] * page_size)
     offsets = jnp.arange(page_size, dtype=jnp.int32)
 
     def step(carry, j):
@@ -45,6 +51,7 @@ def paged_decode_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
         mask = pos[None, :] < lengths[:, None]
         if sliding_window is not None:
             mask &= pos[None, :] > lengths[:, None] - 1 - sliding_window
+        v = jnp.where(mask[None, :, :, None], v, 0.0)  # selected: never 0 * a stale NaN
         mask = mask[:, None, None, :]
         s = jnp.where(mask, s, _MASK)
         m_new = jnp.maximum(m, jnp.max(s, axis=-1))

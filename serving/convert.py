@@ -12,11 +12,12 @@ from typing import Any, Mapping
 from distserve_jax.sampling_params import SamplingParams
 from serving.proto import distserve_pb2 as pb
 
-_PROTO_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "logprobs")
+_PROTO_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "logprobs",
+                          "prompt_logprobs")
 
 
 class ServingError(Exception):
-    """A request the server refuses. `kind`: "invalid", "overloaded" or "unavailable"."""
+    """A request the server refuses. `kind`: "invalid", "overloaded", "unavailable" or "internal"."""
 
     kind = "invalid"
 
@@ -41,6 +42,12 @@ class Unavailable(ServingError):
     """Warming up or shutting down: gRPC UNAVAILABLE / HTTP 503."""
 
     kind = "unavailable"
+
+
+class InternalError(ServingError):
+    """A fault of the server, not of the request (logged): gRPC INTERNAL / HTTP 500."""
+
+    kind = "internal"
 
 
 def make_sampling_params(**fields: Any) -> SamplingParams:
@@ -71,6 +78,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     return msg
 
 
@@ -102,3 +111,13 @@ def logprobs_to_proto(token_ids: list[int], logprobs: list[dict[int, float]] | N
         top = {int(k): float(v) for k, v in entry.items()}
         out.append(pb.TokenLogprob(token_id=int(tok), logprob=float(entry.get(tok, 0.0)), top_logprobs=top))
     return out
+
+
+def prompt_logprobs_to_proto(prompt_ids: list[int], entries: list[dict[int, float] | None] | None
+                             ) -> list[pb.TokenLogprob]:
+    """One `TokenLogprob` per prompt token after the first (which has no logprob)."""
+    if not entries:
+        return []
+    return [pb.TokenLogprob(token_id=int(t), logprob=float(e.get(t, 0.0)),
+                            top_logprobs={int(k): float(v) for k, v in e.items()})
+            for t, e in zip(prompt_ids[1:], entries[1:]) if e is not None]

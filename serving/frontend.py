@@ -21,7 +21,7 @@ from absl import logging
 from distserve_jax.engine.async_engine import AsyncEngine, EngineDeadError, InstanceFailedError, QueueFullError
 from distserve_jax.engine.output_processor import RequestOutput
 from distserve_jax.sampling_params import SamplingParams
-from serving.convert import InvalidRequest, Overloaded, Unavailable
+from serving.convert import InternalError, InvalidRequest, Overloaded, Unavailable
 from serving.prometheus_metrics import ServingMetrics, record_from_metrics
 
 
@@ -124,6 +124,9 @@ class Frontend:
                     raise Unavailable(str(e)) from None
                 except StopAsyncIteration:
                     raise Unavailable(f"request {rid} ended without output") from None
+                except Exception as e:  # noqa: BLE001 - a fault of the server, not of the request
+                    logging.exception("request %s failed before its first output", rid)
+                    raise InternalError(f"internal error on request {rid}: {type(e).__name__}") from None
                 while True:
                     if out.finished:
                         self._observe(out)
@@ -134,6 +137,8 @@ class Frontend:
                         out = await agen.__anext__()
                     except (EngineDeadError, InstanceFailedError) as e:
                         raise Unavailable(str(e)) from None
+                    except StopAsyncIteration as e:
+                        raise Unavailable(f"request {rid} ended early: {e!r}") from None
         finally:
             if tracked:
                 self._track(rid, False)

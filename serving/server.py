@@ -24,9 +24,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.frontend import Frontend, ServedModel
-from serving.grpc_service import SERVICE_NAME, DistServeServicer
+from serving.grpc_service import SERVICE_NAME, DistServeServicer, add_to_server, receive_limit_bytes
 from serving.prometheus_metrics import ServingMetrics, parse_slo
-from serving.proto import distserve_pb2_grpc as pb_grpc
 
 MODES = ("disaggregated", "colocated", "chunked")
 
@@ -58,7 +57,8 @@ flags.DEFINE_string("ray_address", None, "With --executor=ray: a Ray cluster to 
 flags.DEFINE_integer("replicas", 1, "Colocated or chunked replicas, each its own worker on its own tp devices.")
 flags.DEFINE_integer("seed", 0, "Engine seed (for requests without a seed).")
 flags.DEFINE_integer("max_request_bytes", 4 << 20, "Largest request message or body; larger ones get "
-                     "INVALID_ARGUMENT / 400.")
+                     "INVALID_ARGUMENT / 400 (gRPC's core stops reading messages over max(64 MiB, "
+                     "4 x this) with RESOURCE_EXHAUSTED).", lower_bound=1)
 flags.DEFINE_multi_string("slo", ["default:2.0:0.2"], "SLO tracked by the attainment gauge, name:ttft_s:tpot_s "
                           "(repeatable).")
 flags.DEFINE_float("slo_window_s", 60.0, "Sliding window of the SLO attainment gauge, seconds.")
@@ -141,10 +141,10 @@ class Server:
             await self.health.set(service, status)
 
     async def start_ports(self) -> None:
-        hard_cap = 2 * FLAGS.max_request_bytes + (1 << 20)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", hard_cap),
+        limit = receive_limit_bytes(FLAGS.max_request_bytes)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                           ("grpc.so_reuseport", 0)])
-        pb_grpc.add_DistServeServicer_to_server(DistServeServicer(self.frontend), server)
+        add_to_server(DistServeServicer(self.frontend), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         await self._set_health(False)

@@ -29,6 +29,7 @@ BAD_VALUES = [
     ("repetition_penalty", 0.0), ("repetition_penalty", -1.0), ("repetition_penalty", math.inf),
     ("repetition_penalty", "1"),
     ("include_stop_str_in_output", 0), ("include_stop_str_in_output", "no"),
+    ("prompt_logprobs", -1), ("prompt_logprobs", 21), ("prompt_logprobs", 2.0), ("prompt_logprobs", False),
 ]
 
 

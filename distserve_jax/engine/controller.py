@@ -309,7 +309,8 @@ class Controller:
         r.token_times.append(e.time)
         if r.prefill_end is None:
             r.prefill_end = e.time
-        ro, reason = self.outputs.process(r.request_id, e.token_id, e.logprob, e.top_logprobs)
+        ro, reason = self.outputs.process(r.request_id, e.token_id, e.logprob, e.top_logprobs,
+                                          prompt_logprobs=e.prompt_logprobs)
         if reason is not None:
             r.finish_time = e.time
             ro.metrics = request_metrics(r)

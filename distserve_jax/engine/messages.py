@@ -142,6 +142,7 @@ class Token:
     time: float
     prefill_start: float | None = None  # when its (re)prefill started here (prefill and colocated workers)
     num_preemptions: int = 0  # times the request was preempted so far
+    prompt_logprobs: Any = None  # with the token that ends a prefill, when asked for
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,10 @@ class RequestOutput:
     `new_token_ids` / `text_delta` hold what this step added; `token_ids` / `text` the whole
     output so far. `logprobs` (when asked) has one dict token id -> logprob per generated token.
     `metrics` (timestamps, a dict) is set on the final output. `finish_reason` is "stop", "length",
-    "abort", or "error" (with `error` saying why).
+    "abort", or "error" (with `error` saying why). `prompt_logprobs` (when
+    `SamplingParams.prompt_logprobs` is set) is on the first output and on the final one: one entry
+    per prompt token, None for the first, else a dict token id -> logprob holding the prompt token
+    and the top ones.
     """
 
     request_id: str
@@ -33,6 +36,7 @@ class RequestOutput:
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
     metrics: dict[str, Any] | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
     error: str | None = None  # why, when finish_reason is "error" (the instance serving it failed)
 
 
@@ -51,11 +55,19 @@ class OutputProcessor:
     def drop(self, request_id: str) -> None:
         self._state.pop(request_id, None)
 
-    def process(self, request_id: str, token_id: int, logprob: float, top: dict[int, float]
-                ) -> tuple[RequestOutput, str | None]:
-        """Adds one sampled token; returns the output delta and the finish reason (None if running)."""
+    def process(self, request_id: str, token_id: int, logprob: float, top: dict[int, float],
+                prompt_logprobs: list[dict[int, float] | None] | None = None) -> tuple[RequestOutput, str | None]:
+        """Adds one sampled token; returns the output delta and the finish reason (None if running).
+
+        `prompt_logprobs` (the runner's, with a request's first token) goes out with the first
+        output and the final one, when the request asked for them.
+        """
         st = self._state[request_id]
         p = st.params
+        send_prompt = None
+        if p.prompt_logprobs is not None and st.prompt_logprobs is None:
+            st.prompt_logprobs = prompt_logprobs if prompt_logprobs is not None else [None] * len(st.prompt_ids)
+            send_prompt = st.prompt_logprobs
         st.token_ids.append(token_id)
         if p.logprobs is not None:
             entry = dict(top)
@@ -90,8 +102,10 @@ class OutputProcessor:
         st.reported = len(st.token_ids)
         out = RequestOutput(request_id=request_id, prompt_token_ids=st.prompt_ids, token_ids=list(st.token_ids),
                             new_token_ids=new_ids, text=st.emitted, text_delta=delta, finished=reason is not None,
-                            finish_reason=reason, logprobs=list(st.logprobs) if p.logprobs is not None else None)
+                            finish_reason=reason, logprobs=list(st.logprobs) if p.logprobs is not None else None,
+                            prompt_logprobs=send_prompt)
         if reason is not None:
+            out.prompt_logprobs = st.prompt_logprobs
             self.drop(request_id)
         return out, reason
 
@@ -128,6 +142,7 @@ class _State:
         self.emitted = ""
         self.pending = ""
         self.reported = 0
+        self.prompt_logprobs: list | None = None  # set with the first token, when asked for
         self._tok = tokenizer
         self._read_offset = 0  # tokens of token_ids whose text is already in `emitted + pending`
         self._prefix_offset = 0

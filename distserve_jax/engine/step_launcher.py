@@ -67,7 +67,8 @@ def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float, prev_rows: dict[
     return SeqWork(token_ids=tokens, context_len=start,
                    block_table=blocks.block_table(r.request_id), sampling=r.sampling, seed=r.seed,
                    num_generated=len(r.output_token_ids) + r.num_inflight_tokens, sample=s.completes_prompt,
-                   prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids, prev_row=prev_row)
+                   prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids, prev_row=prev_row,
+                   request_id=r.request_id)
 
 
 def launch_step(scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner, prev: InFlightStep | None,

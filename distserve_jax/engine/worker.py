@@ -280,7 +280,7 @@ class InstanceWorker:
             r.output_token_ids.append(res.token_id)
             self.emit(m.Token(self.name, r.request_id, res.token_id, res.logprob, res.top_logprobs, t,
                               prefill_start=r.prefill_start if self.role != "decode" else None,
-                              num_preemptions=r.num_preemptions))
+                              num_preemptions=r.num_preemptions, prompt_logprobs=res.prompt_logprobs))
             if r.request_id in self.preempted:
                 continue  # reported `Preempted` once every token in flight has landed
             if len(r.output_token_ids) >= r.max_tokens:

@@ -8,6 +8,16 @@ from pathlib import Path
 import tokenizers
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode (it holds a lone surrogate, which JSON's `\\ud800` escapes
+    can produce and no tokenizer accepts), or None when it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"lone surrogate U+{ord(text[e.start]):04X} at character {e.start}"
+    return None
+
+
 class Tokenizer:
     """Thin wrapper: `encode`, `decode`, special-token ids and the chat template if any."""
 
@@ -24,6 +34,12 @@ class Tokenizer:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; ValueError (naming the prompt) when it is not a valid Unicode string."""
+        if not isinstance(text, str):
+            raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+        problem = unicode_problem(text)
+        if problem is not None:
+            raise ValueError(f"prompt is not valid Unicode: {problem}")
         ids = self.tok.encode(text, add_special_tokens=True).ids
         if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id] + ids

@@ -3,6 +3,13 @@
 One `(k_pages, v_pages)` pair per layer, each `[num_kv_heads, num_blocks, block_size, head_dim]`,
 sharded over kv heads on the mesh's ``tp`` axis. Block accounting lives in the scheduler's
 `BlockManager`; this module only owns the arrays.
+
+Freed blocks are not scrubbed. Whatever a request leaves in its pages (NaN or Inf from activations
+that overflowed included) can only be read by a later owner through slots past that owner's own
+lengths, and every attention backend selects those away rather than multiplying them by a zero
+probability (`pallas_kernels/reference.py`, "Isolation"; tested with every page NaN/Inf-filled).
+Scrubbing would cost a write of every freed page on the step loop and still not cover pages in
+use by another request of the same batch, which the masking covers too.
 """
 
 from __future__ import annotations

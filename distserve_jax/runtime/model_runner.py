@@ -30,7 +30,7 @@ from distserve_jax.models.attention import AttentionMetadata, paged_attention
 from distserve_jax.models.config import ModelConfig
 from distserve_jax.models import fusion
 from distserve_jax.models.decoder import DecoderStage, stage_bounds
-from distserve_jax.runtime import kv_cache
+from distserve_jax.runtime import kv_cache, prompt_logprobs
 from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up
 from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample_with_feed
 from distserve_jax.runtime.sharding import TP, replicated
@@ -93,6 +93,8 @@ class PendingStep:
     works: list[SeqWork]
     out: Any
     next_tokens: Any
+    prompt_plan: prompt_logprobs.Plan | None = None
+    prompt_out: Any = None
 
 
 class _Stage:
@@ -171,6 +173,7 @@ class ModelRunner:
         self._no_feed = jax.device_put(np.zeros(self.feed_rows, np.int32), self._feed_sharding)
         self._sample = jax.jit(functools.partial(sample_with_feed, feed_rows=self.feed_rows),
                                static_argnames=("num_top_logprobs",))
+        self._prompt_logprobs = prompt_logprobs.PromptLogprobs(max_partial=4 * c.max_num_seqs)
 
     def _size_cache(self, meshes, params, bounds) -> int:
         c = self.config
@@ -273,9 +276,17 @@ class ModelRunner:
         being fetched: the two steps run back to back on the devices.
         """
         tokens, meta = self.build_inputs(works)
-        logits = self.forward(tokens, meta, self._feed(works, meta, prev))
-        out, next_tokens = self._launch_sample(logits, works)
-        return PendingStep(list(works), out, next_tokens)
+        feed = self._feed(works, meta, prev)
+        plan = prompt_logprobs.plan(works, meta.query_start_loc, len(tokens))
+        if plan is None:
+            logits = self.forward(tokens, meta, feed)
+            out, next_tokens = self._launch_sample(logits, works)
+            return PendingStep(list(works), out, next_tokens)
+        # A request asks for prompt logprobs: the last stage returns the logits of every token.
+        every = dataclasses.replace(meta, logits_indices=np.arange(len(tokens), dtype=np.int32))
+        all_logits = self.forward(tokens, every, feed)
+        out, next_tokens = self._launch_sample(all_logits[meta.logits_indices], works)
+        return PendingStep(list(works), out, next_tokens, plan, prompt_logprobs.compute(all_logits, plan.targets))
 
     def _feed(self, works: Sequence[SeqWork], meta: AttentionMetadata, prev: PendingStep | None):
         """`(prev_tokens, rows [T])` for `forward`, or None when no item reads `prev`."""
@@ -300,6 +311,10 @@ class ModelRunner:
     def collect(self, pending: "PendingStep") -> list[SampleResult | None]:
         """Waits for a launched step and returns its sampled tokens."""
         out = jax.device_get(pending.out)
+        prompt = {}
+        if any(w.sampling.prompt_logprobs is not None for w in pending.works):
+            fetched = jax.device_get(pending.prompt_out) if pending.prompt_out is not None else None
+            prompt = self._prompt_logprobs.results(pending.works, pending.prompt_plan, fetched)
         results: list[SampleResult | None] = []
         for i, w in enumerate(pending.works):
             if not w.sample:
@@ -307,7 +322,7 @@ class ModelRunner:
                 continue
             k = w.sampling.logprobs or 0
             top = {int(t): float(l) for t, l in zip(out.top_ids[i, :k], out.top_logprobs[i, :k])}
-            results.append(SampleResult(int(out.token_ids[i]), float(out.logprobs[i]), top))
+            results.append(SampleResult(int(out.token_ids[i]), float(out.logprobs[i]), top, prompt.get(i)))
         return results
 
     def _launch_sample(self, logits: jax.Array, works: Sequence[SeqWork], *, n_top: int | None = None,

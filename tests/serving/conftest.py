@@ -112,6 +112,20 @@ def server(tiny_model, tmp_path_factory):
         proc.stop()
 
 
+def post(server: ServerProcess, path: str, body: bytes, headers: dict | None = None) -> tuple[int, bytes]:
+    """POSTs raw `body` to the server's HTTP front; returns (status, response body)."""
+    import http.client
+    import urllib.parse
+    url = urllib.parse.urlparse(server.http)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
 def wait_all_free(address: str, timeout: float = 15.0):
     """Polls GetServerInfo until no request is in flight and every KV block is free; returns the info."""
     from serving.client import Client
