@@ -89,6 +89,12 @@ flags.DEFINE_string("compilation_cache_dir", "benchmarks/out/jax_cache",
 NOTE = ("note: all modes run in one process on CPU devices that share the host's cores, so this shows "
         "scheduling behaviour (batching, queueing, prefill/decode interference, migration), not the "
         "compute isolation disaggregation gets from separate GPUs.")
+RAY_NOTE = ("note: every instance is its own process pinned to its own cores (--executor=ray), so the phases "
+            "are isolated in compute; goodput per core = goodput / the cores the instances were given.")
+
+
+def note() -> str:
+    return RAY_NOTE if FLAGS.executor == "ray" else NOTE
 
 
 def parse_rates(items: list[str]) -> list[float]:
@@ -240,7 +246,7 @@ def main(argv: list[str]) -> None:
     print(f"trace: {len(trace)} ShareGPT requests (seed {FLAGS.seed}), prompt mean {np.mean(plens):.0f} "
           f"p50 {np.median(plens):.0f} max {max(plens)}, output (clipped to {FLAGS.max_output_len}) mean "
           f"{np.mean(olens):.0f}; Poisson arrivals at {rates} req/s", flush=True)
-    print(NOTE, flush=True)
+    print(note(), flush=True)
 
     cores, calib, runs, setup = {}, {}, {}, {}
     for mode in modes:
@@ -317,7 +323,7 @@ def main(argv: list[str]) -> None:
     if mig:
         print(f"disaggregated KV pulls: {len(mig)}, {cores['disaggregated'].migrated_bytes / 2**20:.1f} MiB, "
               f"median {statistics.median(mig) * 1e3:.2f} ms")
-    print(NOTE)
+    print(note())
 
     out_dir = Path(FLAGS.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
