@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from pallas_kernels import cpu_native, dispatch, reference
 from tests.pallas_kernels.test_pallas_attention import (DECODE_SPECS, HEADS, REF_DECODE, _cached, _sharded,
-                                                        decode_case, np_decode, np_inputs, rel_err)
+                                                        decode_case, decode_keys, np_decode, np_inputs, rel_err)
 from tests.tolerances import assert_close_reordered, attention_reduction_len
 
 NATIVE_DECODE = jax.jit(cpu_native.paged_decode_attention, static_argnames=("scale", "sliding_window", "build"))
@@ -55,12 +55,6 @@ def _host_simd_path() -> str:
     if "avx2" in flags:
         return "avx2-nofma"
     return "avx" if "avx" in flags else "sse2"
-
-
-def _decode_keys(args, window) -> int:
-    """The most keys any sequence of a decode case attends."""
-    longest = int(np.max(np.asarray(args["lengths"])))
-    return min(longest, window) if window else longest
 
 
 @native_build
@@ -98,7 +92,7 @@ def test_native_decode_matches_references(build, kv_heads, group, head_dim, wind
         exact = np_decode(a["q"], a["k_pages"], a["v_pages"], a["block_tables"], a["lengths"], scale, window)
         # q.k over head_dim, then softmax and p.V over the keys, in float32 (observed <= 0.1x the
         # bound against float64 on every path here; a wrong key or head is O(1) off).
-        n = attention_reduction_len(head_dim, _decode_keys(args, window))
+        n = attention_reduction_len(head_dim, decode_keys(args, window))
         assert_close_reordered(out, exact, reduction_len=n, what=f"{build} vs float64, seed {seed}")
         if seed < 2:  # the reference reads the NaN slots of the third case through its masked gather
             # Another float32 order of the same sums (observed <= 0.19x the bound).
@@ -138,7 +132,7 @@ def test_native_decode_large_logits_do_not_overflow(build):
     # keeps weight 6e-3 and those rounding errors reach the output: the bound's scale adds that
     # sensitivity (observed <= 0.01x the bound; a wrong max or rescale is O(1) off).
     sens = _score_sensitivity(a, 1.0)
-    assert_close_reordered(out, exact, reduction_len=attention_reduction_len(64, _decode_keys(args, None)),
+    assert_close_reordered(out, exact, reduction_len=attention_reduction_len(64, decode_keys(args, None)),
                            scale=np.abs(exact).max() + sens, what=f"{build} vs float64, large scores")
 
 
@@ -270,7 +264,7 @@ def test_native_decode_and_write_under_shard_map_over_tp(build):
     out = fn(_sharded(mesh, args, DECODE_SPECS))
     # Each shard attends its own heads whole: the same float32 sums as unsharded (reordering bound).
     assert_close_reordered(out, REF_DECODE(**args, scale=scale, sliding_window=10),
-                           reduction_len=attention_reduction_len(80, _decode_keys(args, 10)),
+                           reduction_len=attention_reduction_len(80, decode_keys(args, 10)),
                            what=f"{build} under shard_map vs the jnp reference")
 
 
