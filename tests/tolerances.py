@@ -39,6 +39,9 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from distserve_jax.models.config import ModelConfig
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
 K = 2.0  # five standard deviations of the random-walk model (module docstring)
@@ -47,7 +50,7 @@ LOGIT_PARITY_ATOL = 1e-4
 # Two logits that each move by at most d keep their order if they were more than 2 d apart. d is
 # at most the parity bound against transformers, and `reorder_bound` between two JAX layouts:
 # 7e-5 to 1.1e-4 for the test models (logit scale <= 10, chains of 1200-2600 roundings with up
-# to 160 keys); so 2 * 1.5e-4. Reference runs here have smallest gaps of 8e-4 and up.
+# to 160 keys); so 2 * 1.5e-4. Reference runs here have smallest gaps of 4e-4 and up.
 GREEDY_MIN_MARGIN = 3e-4
 
 
@@ -58,8 +61,8 @@ def reorder_bound(reduction_len: int, scale: float, k: float = K) -> float:
     return k * EPS32 * math.sqrt(reduction_len) * float(scale)
 
 
-def assert_close_reordered(a, b, *, reduction_len: int, what: str, scale: float | None = None,
-                           k: float = K) -> float:
+def assert_close_reordered(a: ArrayLike, b: ArrayLike, *, reduction_len: int, what: str,
+                           scale: float | None = None, k: float = K) -> float:
     """Asserts max |a - b| <= `reorder_bound(reduction_len, scale, k)`; returns the error.
 
     Args:
@@ -82,14 +85,14 @@ def assert_close_reordered(a, b, *, reduction_len: int, what: str, scale: float 
     return err
 
 
-def decoder_reduction_len(cfg, context_len: int) -> int:
+def decoder_reduction_len(cfg: ModelConfig, context_len: int) -> int:
     """Roundings along the longest chain of sums from the embeddings to one logit of a decoder.
 
     Per layer: the norm's mean of squares and the q/k/v projection (hidden_size each), q.k
     (head_dim), softmax and p.V (context_len keys, at most the sliding window), o_proj
     (num_heads * head_dim), the second norm and the gate/up (or fc1) projection (hidden_size
     each), down (or fc2) (intermediate_size). Then the final norm and the lm_head (hidden_size
-    each). `cfg` is a `ModelConfig`.
+    each).
     """
     h = cfg.hidden_size
     keys = min(context_len, cfg.sliding_window or context_len)
