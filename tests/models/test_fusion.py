@@ -36,6 +36,7 @@ def test_fused_tree_layout_and_errors(hf_checkpoint):
     layer, attn = fused["layers_0"], fused["layers_0"]["self_attn"]
     assert set(attn) >= {"qkv_proj", "o_proj"} and not set(attn) & {"q_proj", "k_proj", "v_proj"}
     src = params["layers_0"]["self_attn"]
+    # Fusion only concatenates and transposes, so the weights compare exactly.
     # kernels are [out, in]: qkv rows are q rows, then k rows, then v rows
     np.testing.assert_array_equal(attn["qkv_proj"]["kernel"][-src["v_proj"]["kernel"].shape[1]:],
                                   src["v_proj"]["kernel"].T)
