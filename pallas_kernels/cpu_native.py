@@ -149,10 +149,10 @@ def load(build: str = NATIVE) -> ctypes.CDLL:
             raise state["error"]  # type: ignore[misc]
         try:
             lib = ctypes.cdll.LoadLibrary(str(_build(build)))
+            getattr(lib, SIMD_PATH_SYMBOL).restype = ctypes.c_char_p
             for name, symbol in TARGETS.items():
                 jax.ffi.register_ffi_target(_target(name, build), jax.ffi.pycapsule(getattr(lib, symbol)),
                                             platform="cpu")
-            getattr(lib, SIMD_PATH_SYMBOL).restype = ctypes.c_char_p
         except (NativeBuildError, OSError, AttributeError) as e:
             err = e if isinstance(e, NativeBuildError) else NativeBuildError(f"loading native CPU kernels: {e}")
             state["error"] = err
