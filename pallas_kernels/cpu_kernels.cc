@@ -10,6 +10,16 @@
 //   DistserveWriteKVF32      new K/V rows into their page slots, in place (outputs alias inputs)
 //   DistserveGatherPagesF32  whole pages of one array, by page id, into a contiguous block list
 //   DistserveScatterPagesF32 a block list into pages by id, in place (the KV pull's two ends)
+//   DistserveSimdPath        the name of the instruction-set path this build compiled (C ABI)
+//
+// SIMD paths: the float math is written once on GCC vector extensions (`v8`, eight floats),
+// which the compiler lowers to the instruction set the build targets; `cpu_native.py` builds
+// with -march=native (and, for tests, with narrower targets). The paths round differently: with
+// FMA (AVX2 hosts) -ffp-contract=fast fuses every a * b + c, and with AVX the eight-token dot
+// products are finished by `_mm256_hadd_ps` in another order than the portable `HSum`.
+// `DistserveSimdPath` names the path from the compiler's macros: "avx512" (AVX-512F; `v8` stays
+// 256 bits wide and rounds as on AVX2), "avx2" (AVX2 + FMA), "avx" (AVX, no FMA), "sse2" (the
+// x86-64 baseline: `v8` as two SSE halves, the portable transpose) or "generic" (elsewhere).
 //
 // Cache layout (the runtime's): `[num_kv_heads, num_pages, page_size, head_dim]`.
 // Work is split over XLA's intra-op thread pool. The caller takes work items too, so a kernel
@@ -399,6 +409,23 @@ ffi::Error ScatterPagesImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pages, f
 }
 
 }  // namespace
+
+// The instruction-set path of this build (see the header): a static string, never freed.
+extern "C" __attribute__((visibility("default"))) const char* DistserveSimdPath() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
+#elif defined(__AVX2__)
+  return "avx2-nofma";
+#elif defined(__AVX__)
+  return "avx";
+#elif defined(__SSE2__)
+  return "sse2";
+#else
+  return "generic";
+#endif
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DistserveGatherPagesF32, GatherPagesImpl,
                               ffi::Ffi::Bind()

@@ -46,29 +46,38 @@ def hf_checkpoint(tmp_path_factory):
     return make
 
 
-def _ray_processes() -> set[int]:
-    """Pids of Ray's processes (raylet, GCS, workers and actors) on this machine."""
+# Inherited by every process a test starts (servers, Ray's raylet, its workers and actors).
+os.environ.setdefault("DISTSERVE_TEST_SESSION", f"{os.getpid()}-{os.urandom(4).hex()}")
+_MARK = "DISTSERVE_TEST_SESSION=" + os.environ["DISTSERVE_TEST_SESSION"]
+
+
+def _ray_processes(ours_only: bool = True) -> set[int]:
+    """Pids of Ray's processes (raylet, GCS, workers and actors) on this machine; with `ours_only`,
+    only those this test session started (they inherit its `DISTSERVE_TEST_SESSION` mark)."""
     pids = set()
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ")
+            if not (b"raylet" in cmd or b"gcs_server" in cmd or cmd.startswith(b"ray::")
+                    or b"ray/_private/workers" in cmd):
+                continue
+            if ours_only and _MARK.encode() not in (d / "environ").read_bytes():
+                continue
         except OSError:
             continue
-        if b"raylet" in cmd or b"gcs_server" in cmd or cmd.startswith(b"ray::") or b"ray/_private/workers" in cmd:
-            pids.add(int(d.name))
+        pids.add(int(d.name))
     return pids
 
 
 @pytest.fixture(scope="session", autouse=True)
 def no_ray_processes_left_behind():
     """The suite stops every Ray process it started (a test that leaves one fails the session)."""
-    before = _ray_processes()
     yield
     import time
 
     deadline = time.monotonic() + 15
-    while (left := _ray_processes() - before) and time.monotonic() < deadline:
+    while (left := _ray_processes()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"Ray processes left behind by the tests: {sorted(left)}"

@@ -336,12 +336,13 @@ def hf_prefill_logits(directory: str | Path, input_ids: list[int]) -> np.ndarray
 
 def hf_greedy_generate(
     directory: str | Path, input_ids: list[int], max_new_tokens: int
-) -> tuple[list[int], list[float]]:
+) -> tuple[list[int], list[float], list[float]]:
     """Greedy continuation of one prompt with `model.generate` (KV cache on), no EOS stop.
 
     Returns:
-      (token_ids, logprobs): `max_new_tokens` generated ids and, for each, log_softmax of the
-      raw (unprocessed) logits at that step taken at the chosen id.
+      (token_ids, logprobs, margins): `max_new_tokens` generated ids; for each, log_softmax of
+      the raw (unprocessed) logits at that step taken at the chosen id; and the gap between the
+      step's largest and second-largest raw logit (how far from a tie the greedy choice was).
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -356,7 +357,7 @@ def hf_greedy_generate(
     new_ids = out.sequences[0, len(input_ids):].tolist()
     if len(new_ids) != max_new_tokens or len(out.logits) != max_new_tokens:
         raise RuntimeError(f"generate returned {len(new_ids)} tokens, wanted {max_new_tokens}")
-    token_ids, logprobs = [], []
+    token_ids, logprobs, margins = [], [], []
     for step, (token, step_logits) in enumerate(zip(new_ids, out.logits)):
         raw = step_logits[0].float()
         if int(torch.argmax(raw)) != token:
@@ -364,4 +365,6 @@ def hf_greedy_generate(
                                "a logits processor is active")
         token_ids.append(int(token))
         logprobs.append(float(torch.log_softmax(raw, dim=-1)[token]))
-    return token_ids, logprobs
+        top2 = torch.topk(raw, 2).values
+        margins.append(float(top2[0] - top2[1]))
+    return token_ids, logprobs, margins

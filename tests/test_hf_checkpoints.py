@@ -12,6 +12,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 
 from tests import hf_checkpoints as hc
+from tests.tolerances import LOGIT_PARITY_ATOL, assert_clear_greedy_margins
 
 _PROMPT = [(7 * i + 5) % 300 for i in range(24)]
 
@@ -103,6 +104,7 @@ def test_hub_config_style(checkpoints, tmp_path):
         v5 = hc.make_checkpoint(variant, tmp_path / variant, config_style="transformers5",
                                 write_tokenizer=False)
         assert "rope_parameters" in json.loads((v5 / "config.json").read_text())
+        # The same weights through the same torch ops in the same process: bit-identical.
         np.testing.assert_array_equal(hc.hf_prefill_logits(v5, _PROMPT),
                                       hc.hf_prefill_logits(checkpoints[variant], _PROMPT))
 
@@ -115,6 +117,7 @@ def test_sharded_save_writes_index_and_same_weights(checkpoints, tmp_path):
     assert all((directory / f).is_file() for f in files)
     assert not (directory / "model.safetensors").exists()
     assert _tensors(directory) == _tensors(checkpoints["llama3"])
+    # The same weights through the same torch ops in the same process: bit-identical.
     np.testing.assert_array_equal(hc.hf_prefill_logits(directory, _PROMPT),
                                   hc.hf_prefill_logits(checkpoints["llama3"], _PROMPT))
 
@@ -126,6 +129,8 @@ def test_low_precision_dtype(checkpoints, tmp_path, dtype):
     low = hc.hf_prefill_logits(directory, _PROMPT)
     full = hc.hf_prefill_logits(checkpoints["opt_project"], _PROMPT)
     assert low.dtype == np.float32
+    # Weights rounded to 8 (bf16) or 11 (fp16) significant bits move logits of scale ~9 by 6.6e-2
+    # and 7.4e-3 here: more than nothing, far less than a wrong load would (< 0.5).
     assert 0 < np.abs(low - full).max() < 0.5
 
 
@@ -133,13 +138,15 @@ def test_low_precision_dtype(checkpoints, tmp_path, dtype):
 def test_greedy_generate_matches_prefill(checkpoints, variant):
     # 20 + 8 tokens runs past Mistral's window of 16, through the sliding decode cache.
     prompt = _PROMPT[:20]
-    tokens, logprobs = hc.hf_greedy_generate(checkpoints[variant], prompt, 8)
-    assert len(tokens) == len(logprobs) == 8
+    tokens, logprobs, margins = hc.hf_greedy_generate(checkpoints[variant], prompt, 8)
+    assert len(tokens) == len(logprobs) == len(margins) == 8
+    # Cached decode and one full prefill sum in other orders: no step may be a near tie.
+    assert_clear_greedy_margins([margins], what=f"{variant} transformers generate")
     full = _log_softmax(hc.hf_prefill_logits(checkpoints[variant], prompt + tokens).astype(np.float64))
     for i, (token, lp) in enumerate(zip(tokens, logprobs)):
         row = full[len(prompt) - 1 + i]
         assert token == int(row.argmax())
-        assert lp == pytest.approx(row[token], abs=1e-4)
+        assert lp == pytest.approx(row[token], abs=LOGIT_PARITY_ATOL)  # two float32 orders: the parity bound
         assert lp < 0
 
 
@@ -160,6 +167,8 @@ def test_mistral_window_is_sliding_window_keys_including_self():
     outside, inside = list(base), list(base)
     outside[p - window] = (base[p - window] + 1) % config.vocab_size
     inside[p - window + 1] = (base[p - window + 1] + 1) % config.vocab_size
+    # The changed key is masked out at p (its score gets the dtype's minimum, so its weight is
+    # exactly 0) and nothing else moves: bit-identical. Inside the window it moves logits by O(1).
     np.testing.assert_array_equal(logits_at_p(outside), ref)
     assert np.abs(logits_at_p(inside) - ref).max() > 1e-3
 
@@ -174,6 +183,8 @@ def test_llama3_rope_formula_as_documented(checkpoints):
     expected = np.where(wavelen < orig / high, base,
                         np.where(wavelen > orig / low, base / factor,
                                  (1 - smooth) * base / factor + smooth * base))
+    # float32 inv_freq against the float64 formula: powers and divisions, no long sums; rtol 1e-5
+    # (~80 ulps) allows theta ** x's float32 rounding; a wrong band or factor is off by >= 2x.
     np.testing.assert_allclose(inv_freq, expected, rtol=1e-5)
     # The tiny original context makes all three bands occur.
     assert (wavelen < orig / high).any() and (wavelen > orig / low).any()

@@ -1,4 +1,9 @@
-"""Tests for distserve_jax.metrics: per-request latencies, attainment, goodput, SLO scale."""
+"""Tests for distserve_jax.metrics: per-request latencies, attainment, goodput, SLO scale.
+
+`pytest.approx` here (default rel 1e-6) compares float64 results of a few additions and
+divisions of exact inputs with their exact values: rounding is ~1e-16, so the bound only absorbs
+that; the `abs=1e-4` ones match the goodput search's own `abs_tol`.
+"""
 
 import json
 import math

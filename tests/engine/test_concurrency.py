@@ -12,6 +12,7 @@ from distserve_jax.engine.controller import EngineDeadError
 from distserve_jax.engine.factory import build_core
 from distserve_jax.engine.placement import InstanceSpec, Placement
 from tests.engine.engine_checks import assert_engine_empty, worker
+from tests.tolerances import assert_clear_greedy_margins
 
 KW = dict(max_model_len=128, num_blocks=48, max_num_seqs=8, max_num_batched_tokens=96)
 N = 160
@@ -34,13 +35,16 @@ def workload(hf_checkpoint):
         if i % 3 == 1:
             kw.update(temperature=0.9, top_p=0.9, seed=int(rng.integers(0, 2**31)))
         else:
-            kw.update(temperature=0.0)
+            kw.update(temperature=0.0, logprobs=2)  # two logprobs: the reference's margins are checked
         if i % 11 == 5:
             kw["stop_token_ids"] = [int(rng.integers(4, 256))]
         params.append(SamplingParams(**kw))
     ref = LLM(model, **KW)
     expected = ref.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     ref.engine.shutdown()
+    # Other batch compositions round the logits differently: no greedy step may sit on a near tie.
+    assert_clear_greedy_margins([e.logprobs for e, p in zip(expected, params) if p.temperature == 0],
+                                what="single-device reference")
     return model, prompts, params, expected
 
 

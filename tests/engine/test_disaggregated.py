@@ -8,6 +8,7 @@ from distserve_jax import LLM, SamplingParams
 from distserve_jax.engine.factory import build_core
 from distserve_jax.engine.placement import InstanceSpec, Placement
 from tests.engine.engine_checks import assert_engine_empty, held, worker
+from tests.tolerances import assert_clear_greedy_margins
 
 KW = dict(max_model_len=160, num_blocks=80, max_num_seqs=8, max_num_batched_tokens=64)
 PLACEMENTS = {
@@ -26,7 +27,10 @@ def workload(hf_checkpoint):
     prompts = [[int(t) for t in rng.integers(4, 256, int(n))] for n in lens]
     ref_llm = LLM(model, **KW)
     free = ref_llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(
-        temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        temperature=0, max_tokens=16, ignore_eos=True, logprobs=2), use_tqdm=False)
+    # Other tp/pp degrees sum in other orders: the expected tokens (prefixes of these) must not
+    # sit on a near tie.
+    assert_clear_greedy_margins([o.logprobs for o in free], what="single-device reference")
     params = []
     for i, out in enumerate(free):
         if i % 7 == 3:
@@ -114,7 +118,10 @@ def test_decode_preemption_recomputes_on_prefill(workload):
     model, prompts, _, _ = workload
     p = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     batch = prompts[:6]
-    ref = LLM(model, **KW).generate(prompt_token_ids=batch, sampling_params=p, use_tqdm=False)
+    ref = LLM(model, **KW).generate(prompt_token_ids=batch, sampling_params=SamplingParams(
+        temperature=0, max_tokens=30, ignore_eos=True, logprobs=2), use_tqdm=False)
+    # Recomputed KV and other batches round differently: no near tie in the reference.
+    assert_clear_greedy_margins([r.logprobs for r in ref], what="single-device reference")
     llm = LLM(model, placement=PLACEMENTS["P(tp2)+D(tp1)"], **{**KW, "num_blocks": 9})  # 8 usable blocks:
     core = llm.engine  # decoding preempts
     got = llm.generate(prompt_token_ids=batch, sampling_params=p, use_tqdm=False)

@@ -8,6 +8,7 @@ from distserve_jax.models import orbax_io
 from distserve_jax.runtime.sharding import make_mesh
 from tests.hf_checkpoints import VARIANTS, hf_prefill_logits
 from tests.models.model_logits import runtime_logits
+from tests.tolerances import LOGIT_PARITY_ATOL, assert_close_reordered, decoder_reduction_len
 
 import jax
 
@@ -28,10 +29,13 @@ def test_prefill_logits_match_transformers_at_every_tp(variant, hf_checkpoint):
     for tp in (1, 2, 4):
         got = runtime_logits(d, ids, tp=tp)
         err = np.abs(got - ref).max()
-        assert err <= 1e-4, f"{variant} tp={tp}: max abs error {err}"
+        # The project's parity bound (logits ~8 here; observed <= 1.3e-5; a wrong head is O(1)).
+        assert err <= LOGIT_PARITY_ATOL, f"{variant} tp={tp}: max abs error {err}"
         by_tp[tp] = got
-    assert np.abs(by_tp[2] - by_tp[1]).max() <= 1e-5
-    assert np.abs(by_tp[4] - by_tp[1]).max() <= 1e-5
+    n = decoder_reduction_len(resolve_model(d).config, PROMPT_LEN)
+    for tp in (2, 4):
+        # tp sums the sharded partial products in another order: float32 rounding only.
+        assert_close_reordered(by_tp[tp], by_tp[1], reduction_len=n, what=f"{variant} tp={tp} vs tp=1")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -40,8 +44,10 @@ def test_half_precision_checkpoints_load_and_stay_close(dtype, hf_checkpoint):
     ids = _prompt(2)
     ref = hf_prefill_logits(d, ids)  # the reference upcasts the rounded weights to float32
     got32 = runtime_logits(d, ids, tp=2, dtype="float32")
-    assert np.abs(got32 - ref).max() <= 1e-4
+    assert np.abs(got32 - ref).max() <= LOGIT_PARITY_ATOL  # float32 parity (observed ~9e-6)
     got_half = runtime_logits(d, ids, tp=2, dtype=dtype)
+    # Activations rounded to 8 (bf16) or 11 (fp16) significant bits at every layer, not a
+    # reordering: 10% of the scale is ~13 bf16 ulps (observed 1.2e-2 bf16, 1.4e-3 fp16 of it).
     assert np.abs(got_half - ref).max() <= 0.1 * np.abs(ref).max()
 
 
@@ -50,7 +56,7 @@ def test_sharded_checkpoint_with_index(hf_checkpoint):
     assert (d / "model.safetensors.index.json").is_file()
     assert len(list(d.glob("*.safetensors"))) > 1
     ids = _prompt(3)
-    assert np.abs(runtime_logits(d, ids, tp=4) - hf_prefill_logits(d, ids)).max() <= 1e-4
+    assert np.abs(runtime_logits(d, ids, tp=4) - hf_prefill_logits(d, ids)).max() <= LOGIT_PARITY_ATOL  # parity
 
 
 def test_orbax_round_trip_across_tp(hf_checkpoint, tmp_path):
@@ -65,4 +71,4 @@ def test_orbax_round_trip_across_tp(hf_checkpoint, tmp_path):
     ids = _prompt(4)
     ref = hf_prefill_logits(d, ids)
     for tp in (1, 2):
-        assert np.abs(runtime_logits(tmp_path / "ckpt", ids, tp=tp) - ref).max() <= 1e-4
+        assert np.abs(runtime_logits(tmp_path / "ckpt", ids, tp=tp) - ref).max() <= LOGIT_PARITY_ATOL  # parity

@@ -20,6 +20,7 @@ from distserve_jax.runtime.sampling import (PenaltyInputs, SamplingTensors,  # n
                                             apply_penalties, apply_top_k_top_p_min_p,
                                             row_key, sample)
 from distserve_jax.sampling_params import SamplingParams  # noqa: E402
+from tests.tolerances import assert_close_reordered  # noqa: E402
 
 _sample = jax.jit(sample, static_argnames=("num_top_logprobs",))
 _mask = jax.jit(apply_top_k_top_p_min_p)
@@ -76,6 +77,21 @@ def _reference_allowed(logits, temperature, top_k, top_p, min_p):
     return set(kept.tolist()) | {int(order[0])}
 
 
+def _threshold_gap(logits, temperature, top_k, top_p, min_p):
+    """How close (float64) any token of a row comes to a top-p or min-p cut: the kept sets are
+    compared exactly, so each must be more than float32 rounding (~1e-6 here) from its cut."""
+    scaled = np.asarray(logits, np.float64) / temperature
+    probs = np.exp(_log_softmax64(scaled))
+    order = np.argsort(-scaled, kind="stable")
+    top = order[:len(scaled) if top_k == -1 else min(top_k, len(scaled))]
+    renorm = probs[top] / probs[top].sum()
+    mass_before = np.concatenate([[0.0], np.cumsum(renorm)[:-1]])
+    gaps = [np.abs(mass_before - top_p).min() if top_p < 1 else np.inf]
+    if min_p > 0:
+        gaps.append(np.abs(probs[top] - min_p * probs.max()).min() / probs.max())
+    return min(gaps)
+
+
 def _random_logits(seed, shape=(B, V), scale=1.0):
     return (np.random.default_rng(seed).normal(size=shape) * scale).astype(np.float32)
 
@@ -85,6 +101,7 @@ def test_greedy_is_argmax_and_top_k_1_is_greedy():
     params = ([SamplingParams(temperature=0.0, top_p=0.3, seed=s) for s in range(8)]
               + [SamplingParams(temperature=1.5, top_k=1, seed=s) for s in range(8)])
     out = _sample(logits, _tensors(params), num_top_logprobs=N_TOP)
+    # The argmax of the same float32 values (dividing by a temperature keeps their order): exact.
     np.testing.assert_array_equal(np.asarray(out.token_ids), logits.argmax(-1))
     # All-greedy batch (the branch that skips the draw).
     out = _sample(logits, _tensors(params[:8]), num_top_logprobs=N_TOP)
@@ -121,6 +138,9 @@ def test_random_masks_match_numpy_reference():
     masked = np.asarray(_mask(scaled, t.top_k, t.top_p, t.min_p))
     for row, p in enumerate(params):
         kept = set(np.flatnonzero(np.isfinite(masked[row])).tolist())
+        # The device sums probabilities in float32, in an order that depends on the SIMD width:
+        # no token may sit within 1e-4 (100x that rounding) of a cut (closest here: 2e-4).
+        assert _threshold_gap(logits[row], p.temperature, p.top_k, p.top_p, p.min_p) > 1e-4, p
         assert kept == _reference_allowed(logits[row], p.temperature, p.top_k, p.top_p,
                                           p.min_p), p
 
@@ -168,7 +188,7 @@ def test_same_seed_and_step_same_token_anywhere_in_any_batch():
         out = _sample(logits, _tensors(params, steps), num_top_logprobs=N_TOP)
         results.append(np.asarray(out.token_ids)[rows])
     for other in results[1:]:
-        np.testing.assert_array_equal(results[0], other)
+        np.testing.assert_array_equal(results[0], other)  # a row's math never reads other rows: exact
 
 
 def test_draw_is_gumbel_max_with_row_key():
@@ -181,7 +201,7 @@ def test_draw_is_gumbel_max_with_row_key():
     for i in range(B):
         gumbel = np.asarray(jax.random.gumbel(row_key(jnp.uint32(100 + i), jnp.int32(3 + i)),
                                               (V,)))
-        assert out.token_ids[i] == np.argmax(masked[i] + gumbel)
+        assert out.token_ids[i] == np.argmax(masked[i] + gumbel)  # the same float32 ops on both sides
 
 
 def test_different_steps_and_seeds_give_different_draws():
@@ -205,14 +225,18 @@ def test_logprobs_are_raw_log_softmax():
     out = _sample(logits, _tensors(params), num_top_logprobs=N_TOP)
     ref = _log_softmax64(logits)
     tokens = np.asarray(out.token_ids)
-    np.testing.assert_allclose(np.asarray(out.logprobs), ref[np.arange(B), tokens], rtol=0,
-                               atol=1e-6)
+    # float32 log-softmax against float64: a V-term sum inside the log, whose order depends on
+    # the SIMD width (observed 3.2e-7, 0.02x the bound; logprobs of the tempered logits are O(1) off).
+    scale = np.abs(ref).max()
+    assert_close_reordered(out.logprobs, ref[np.arange(B), tokens], reduction_len=V, scale=scale,
+                           what="sampled logprobs")
     top_logprobs = np.asarray(out.top_logprobs)
     assert out.top_ids.shape == (B, N_TOP) and out.top_ids.dtype == jnp.int32
     assert np.all(np.diff(top_logprobs, axis=-1) <= 0)
+    # The ranks of the float32 values: their gaps (~1e-2 for 64 normal draws) dwarf the rounding.
     np.testing.assert_array_equal(np.asarray(out.top_ids), np.argsort(-ref, axis=-1)[:, :N_TOP])
-    np.testing.assert_allclose(top_logprobs, np.sort(ref, axis=-1)[:, ::-1][:, :N_TOP], rtol=0,
-                               atol=1e-6)
+    assert_close_reordered(top_logprobs, np.sort(ref, axis=-1)[:, ::-1][:, :N_TOP], reduction_len=V, scale=scale,
+                           what="top logprobs")
 
 
 def _numpy_penalties(logits, counts, prompt_mask, presence, frequency, repetition):
@@ -260,6 +284,8 @@ def test_penalties_match_numpy():
     got = np.asarray(_penalise(logits, t, pen))
     want = _numpy_penalties(logits, pen.output_counts, pen.prompt_mask, t.presence_penalty,
                             t.frequency_penalty, t.repetition_penalty)
+    # Elementwise, no sums: about three float32 roundings (one maybe fused) of values up to ~17,
+    # <= ~6e-6; observed 9.2e-7 (a penalty applied twice or to the wrong token is O(1) off).
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5)
     np.testing.assert_array_equal(got[B - 2:], logits[B - 2:])  # Padding rows untouched.
 
@@ -276,6 +302,7 @@ def test_repetition_penalty_matches_transformers():
         processor = RepetitionPenaltyLogitsProcessor(penalty=p.repetition_penalty)
         ids = torch.tensor([prompts[i] + outputs[i]], dtype=torch.long)
         want = processor(ids, torch.from_numpy(logits[i:i + 1].copy()))[0].numpy()
+        # One IEEE float32 multiply or divide by the same penalty per element on both sides: exact.
         np.testing.assert_array_equal(got[i], want)
 
 
@@ -287,11 +314,13 @@ def test_sample_with_penalties_uses_penalised_logits_and_raw_logprobs():
     pen = PenaltyInputs.from_token_lists([[]] * B, outputs, V, B)
     out = _sample(logits, _tensors(params), num_top_logprobs=N_TOP, penalties=pen)
     penalised = logits - 2.0 * pen.output_counts
+    # logits - 10 at the old winner: one rounding per element, far below the random logits' gaps.
     np.testing.assert_array_equal(np.asarray(out.token_ids), penalised.argmax(-1))
     assert np.all(np.asarray(out.token_ids) != top)
     ref = _log_softmax64(logits)
-    np.testing.assert_allclose(np.asarray(out.logprobs), ref[np.arange(B), out.token_ids],
-                               rtol=0, atol=1e-6)
+    # Raw logprobs, as in test_logprobs_are_raw_log_softmax (the penalised ones are off by O(1)).
+    assert_close_reordered(out.logprobs, ref[np.arange(B), out.token_ids], reduction_len=V,
+                           scale=np.abs(ref).max(), what="raw logprobs with penalties")
 
 
 def test_sample_compiles_once_per_shape_and_variant():
