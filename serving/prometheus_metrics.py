@@ -96,6 +96,8 @@ class ServingMetrics:
                                ["instance", "role"], registry=r)
         self.alive = prom.Gauge("distserve_instance_alive", "1 while an instance serves, 0 after it failed.",
                                 ["instance", "role"], registry=r)
+        self.restarts = prom.Gauge("distserve_instance_restarts", "Times an instance's process was replaced "
+                                   "after it died (--executor=ray).", ["instance", "role"], registry=r)
         self._step_hist: dict[tuple[str, str], tuple[list[int], float]] = {}
         r.register(_StepTimeCollector(self))
         self._window: collections.deque[tuple[float, RequestRecord]] = collections.deque()
@@ -149,6 +151,7 @@ class ServingMetrics:
             self.kv_util.labels(**labels).set((total - free) / total if total else 0.0)
             self.busy.labels(**labels).set(float(inst.get("busy_fraction") or 0.0))
             self.alive.labels(**labels).set(1.0 if inst.get("alive", True) else 0.0)
+            self.restarts.labels(**labels).set(int(inst.get("restarts") or 0))
             if inst.get("step_time_buckets"):
                 self._step_hist[(labels["instance"], labels["role"])] = (
                     [int(c) for c in inst["step_time_buckets"]], float(inst.get("step_time_sum") or 0.0))

@@ -136,6 +136,12 @@ def test_killed_worker_process_is_replaced_and_its_requests_recomputed(victim, w
         inst = info["instances"][list(core.roles).index(victim)]
         assert inst["restarts"] == 1 and inst["alive"] and inst["pid"] != killed
         assert info["num_worker_failures"] >= 1
+        from serving.prometheus_metrics import ServingMetrics
+        metrics = ServingMetrics()
+        metrics.update_instances(info)
+        text = metrics.exposition()[0].decode()
+        role = "decode" if victim.startswith("decode") else "prefill"
+        assert f'distserve_instance_restarts{{instance="{victim}",role="{role}"}} 1.0' in text
         # The replacement serves: the same requests again give the same outputs.
         again = _run(core, prompts, params)
         assert [g.token_ids for g in again] == [e.token_ids for e in expected]
