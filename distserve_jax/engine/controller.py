@@ -27,18 +27,20 @@ import collections
 import dataclasses
 import itertools
 import time
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 from absl import logging
 
 from distserve_jax.engine import messages as m
-from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
 from distserve_jax.engine.validation import build_request
 from distserve_jax.sampling_params import SamplingParams
 from distserve_jax.scheduler.request import Request, RequestStatus
 from distserve_jax.scheduler.routing import blocks_for, pick_decode, pick_prefill, tokens_to_accept
+
+if TYPE_CHECKING:  # the model source loads weights (JAX); a spec is only read here (the simulator passes its own)
+    from distserve_jax.engine.model_source import ModelSpec
 
 _FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
                   "abort": RequestStatus.FINISHED_ABORTED, "error": RequestStatus.FINISHED_ABORTED}
@@ -48,7 +50,7 @@ class EngineDeadError(RuntimeError):
     """The engine cannot serve any request (its loop stopped, or no worker is left for a phase)."""
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity (the migration queue is searched by object)
 class _Tracked:
     req: Request  # the controller's record: outputs, timestamps, status
     key: str  # the id in messages (unique per add, so a reused request id never meets stale events)

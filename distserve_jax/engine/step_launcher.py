@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from distserve_jax.runtime.model_runner import ModelRunner, PendingStep, SampleResult, SeqWork
+from distserve_jax.step_types import SampleResult, SeqWork
 from distserve_jax.scheduler.batch import ScheduledSeq, SchedulerOutput
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.policies import Scheduler
 from distserve_jax.scheduler.request import Request
+
+if TYPE_CHECKING:  # the runtime is never imported here: the simulator drives this module without JAX
+    from distserve_jax.runtime.model_runner import ModelRunner, PendingStep
 
 
 @dataclasses.dataclass
@@ -67,16 +70,18 @@ def seq_work(s: ScheduledSeq, blocks: BlockManager, now: float, prev_rows: dict[
                    prompt_ids=r.prompt_token_ids, output_ids=r.output_token_ids, prev_row=prev_row)
 
 
-def launch_step(scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner, prev: InFlightStep | None
-                ) -> tuple[SchedulerOutput, InFlightStep | None]:
+def launch_step(scheduler: Scheduler, blocks: BlockManager, runner: ModelRunner, prev: InFlightStep | None,
+                now: float | None = None) -> tuple[SchedulerOutput, InFlightStep | None]:
     """Schedules a step on `scheduler` and launches it (None when nothing was scheduled).
 
-    The scheduler output is returned either way: its `preempted` requests are the caller's to handle.
+    `now` (the caller's clock; default `time.perf_counter()`) stamps the prefill start of requests
+    that start here. The scheduler output is returned either way: its `preempted` requests are the
+    caller's to handle.
     """
     out = scheduler.schedule()
     if not out:
         return out, None
-    now = time.perf_counter()
+    now = time.perf_counter() if now is None else now
     works = [seq_work(s, blocks, now, prev.rows if prev else None) for s in out.seqs]
     pending = runner.launch(works, prev.pending if prev else None)
     scheduler.after_step(out)

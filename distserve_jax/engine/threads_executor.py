@@ -32,8 +32,8 @@ from distserve_jax.runtime.kv_transfer import KVMigrator
 from distserve_jax.runtime.model_runner import ModelRunner
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.scheduler.block_manager import BlockManager
-from distserve_jax.scheduler.disagg import DecodeScheduler, PrefillScheduler
-from distserve_jax.scheduler.policies import ChunkedPrefillScheduler, PrefillFirstScheduler, SchedulerConfig
+from distserve_jax.scheduler.factory import make_scheduler  # noqa: F401 - also re-exported from here
+from distserve_jax.scheduler.policies import PrefillFirstScheduler, SchedulerConfig
 
 _STOP = object()
 
@@ -48,18 +48,6 @@ class _Slot:
         self.alive = True
         self.stalled = False  # its last step did nothing: wait for a command before the next
         self.thread: threading.Thread | None = None
-
-
-def make_scheduler(role: str, policy: str, config: SchedulerConfig, blocks: BlockManager):
-    if role == "prefill":
-        return PrefillScheduler(config, blocks)
-    if role == "decode":
-        return DecodeScheduler(config, blocks)
-    if policy == "prefill_first":
-        return PrefillFirstScheduler(config, blocks)
-    if policy == "chunked":
-        return ChunkedPrefillScheduler(config, blocks)
-    raise ValueError(f"unknown scheduling policy {policy!r}; expected 'prefill_first' or 'chunked'")
 
 
 class ThreadsExecutor:

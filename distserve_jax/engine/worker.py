@@ -204,7 +204,7 @@ class InstanceWorker:
 
     def _launch(self, prev: InFlightStep | None) -> InFlightStep | None:
         with self.pages_lock:
-            out, step = launch_step(self.scheduler, self.blocks, self.runner, prev)
+            out, step = launch_step(self.scheduler, self.blocks, self.runner, prev, now=self.clock())
         self._on_preempted(out.preempted)
         return step
 
