@@ -4,13 +4,15 @@ that names the problem (nothing is queued)."""
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from distserve_jax.engine.model_source import ModelSpec
 from distserve_jax.sampling_params import SamplingParams
 from distserve_jax.scheduler.request import Request
+
+if TYPE_CHECKING:  # the model source loads weights (JAX); a spec is only read here (the simulator passes its own)
+    from distserve_jax.engine.model_source import ModelSpec
 
 
 def validate_prompt(spec: ModelSpec, max_model_len: int, prompt: str | None,
@@ -28,14 +30,15 @@ def validate_prompt(spec: ModelSpec, max_model_len: int, prompt: str | None,
         ids = spec.tokenizer.encode(prompt)
     else:
         ids = list(prompt_token_ids)
-        if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
-            raise ValueError("prompt_token_ids must be integers")
-        ids = [int(t) for t in ids]
+        if not all(type(t) is int for t in ids):  # plain ints (the common case) need no conversion
+            if any(isinstance(t, bool) or not isinstance(t, (int, np.integer)) for t in ids):
+                raise ValueError("prompt_token_ids must be integers")
+            ids = [int(t) for t in ids]
     if not ids:
         raise ValueError("prompt is empty (no tokens)")
     vocab = spec.config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
+    if min(ids) < 0 or max(ids) >= vocab:
+        bad = [t for t in ids if not 0 <= t < vocab]
         raise ValueError(f"prompt_token_ids has token id {bad[0]} outside the vocabulary [0, {vocab})")
     if len(ids) > max_model_len:
         raise ValueError(f"prompt has {len(ids)} tokens, longer than the model's context "

@@ -49,6 +49,8 @@ class RequestTooLargeError(ValueError):
 def _check_size(name: str, value: object, *, allow_zero: bool = False) -> int:
     """Returns ``value`` as an ``int``; raises ValueError naming ``name`` if it is not a
     positive integer (non-negative if ``allow_zero``). ``bool`` is rejected."""
+    if type(value) is int and value > 0:  # the common case, without the slow abc check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     value = int(value)

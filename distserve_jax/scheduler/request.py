@@ -27,7 +27,7 @@ class RequestStatus(enum.Enum):
                 RequestStatus.FINISHED_ABORTED: "abort"}.get(self)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: queues test membership by object, never by value
 class Request:
     """Everything the scheduler tracks for one request.
 
