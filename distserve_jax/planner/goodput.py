@@ -181,8 +181,13 @@ def lens_for(kind: str, work: Workload) -> Sequence[tuple[int, int]]:
     return [(p, 1) for p, _ in work.lens] if kind == "prefill" else work.lens
 
 
-def attainment(unit: Unit, profile: Profile, work: Workload, slo: SLO, rate: float) -> float:
-    """Joint attainment of `unit` at `rate` (the SLO relaxed to the phase a phase unit simulates)."""
+def attainment(unit: Unit, profile: Profile, work: Workload, slo: SLO, rate: float,
+               target: float | None = None) -> float:
+    """Joint attainment of `unit` at `rate` (the SLO relaxed to the phase a phase unit simulates).
+
+    With `target`, a simulation stops as soon as too many requests missed to reach it: the value
+    returned is then an upper bound below the target (enough for a goodput search).
+    """
     lens = lens_for(unit.kind, work)
     reqs = at_rate(lens, rate, unit=work.unit)
     models = {n: InstantModel() for n in unit.phantoms}
@@ -192,8 +197,10 @@ def attainment(unit: Unit, profile: Profile, work: Workload, slo: SLO, rate: flo
         blocks = 2 + sum(-(-(p + o) // bs) + 1 for p, o in lens)
         dep = dataclasses.replace(dep, instances=tuple(
             dataclasses.replace(i, num_blocks=blocks) if i.name in unit.phantoms else i for i in dep.instances))
-    recs = simulator.run(dep, profile, reqs, step_models=models)
-    return metrics.attainment(recs, slo_for(unit.kind, slo))
+    slo = slo_for(unit.kind, slo)
+    stop = None if target is None else (slo, len(reqs) - math.ceil(target * len(reqs)))
+    recs = simulator.run(dep, profile, reqs, step_models=models, stop_after=stop)
+    return metrics.attainment(recs, slo)
 
 
 def guess_rate(unit: Unit, profile: Profile, work: Workload) -> float:
@@ -249,7 +256,7 @@ def score(unit: Unit, profile: Profile, work: Workload, slo: SLO, target: float,
                     for e in [profile.step_model(i.tp, i.pp).estimated,
                               "KV capacity estimated from memory" if profile.kv_capacity_tokens(i.tp, i.pp)[1] else ""]
                     if e})
-    res = search_rate(lambda r: attainment(unit, profile, work, slo, r), guess=guess_rate(unit, profile, work),
+    res = search_rate(lambda r: attainment(unit, profile, work, slo, r, target), guess=guess_rate(unit, profile, work),
                       target=target, rel_tol=rel_tol)
     return Scored(unit, res.rate, res, "; ".join(notes))
 

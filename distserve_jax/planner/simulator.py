@@ -34,7 +34,7 @@ from typing import Any, Sequence
 from distserve_jax.engine import messages as m
 from distserve_jax.engine.controller import Controller
 from distserve_jax.engine.worker import InstanceWorker
-from distserve_jax.metrics import RequestRecord
+from distserve_jax.metrics import RequestRecord, meets_slo
 from distserve_jax.planner.deployment import Deployment, SimInstance
 from distserve_jax.planner.latency_model import Profile, kv_blocks
 from distserve_jax.planner.sim_runner import SimLink, SimRunner, VirtualClock
@@ -251,17 +251,21 @@ def to_record(request_id: str, prompt_len: int, out: Any) -> RequestRecord:
 
 def run(deployment: Deployment, profile: Profile, requests: Sequence[SimRequest], *,
         step_models: dict[str, Any] | None = None, record_steps: bool = False,
-        executor: SimExecutor | None = None) -> list[RequestRecord]:
+        executor: SimExecutor | None = None, stop_after: tuple[Any, int] | None = None) -> list[RequestRecord]:
     """Serves `requests` on the simulated `deployment`; one record per request, in input order.
 
     A request the engine refuses (longer than an instance's KV cache) gets a record that never
     completed (it misses every SLO), as the server would answer it with an error.
+    `stop_after=(slo, k)` ends the simulation as soon as more than k finished requests missed
+    `slo` (a goodput search needs no more to know a rate fails); the requests not finished by then
+    get records that never completed.
     """
     ex = executor or SimExecutor(deployment, profile, step_models=step_models, record_steps=record_steps)
     ctrl = make_controller(ex)
     order = sorted(range(len(requests)), key=lambda k: requests[k].arrival_time)
     records: list[RequestRecord | None] = [None] * len(requests)
     params: dict[int, SamplingParams] = {}
+    misses = 0
     i = 0
     while i < len(order) or ctrl.has_unfinished_requests():
         nt = ex.next_time()
@@ -283,5 +287,11 @@ def run(deployment: Deployment, profile: Profile, requests: Sequence[SimRequest]
         for out in ctrl.step():
             if out.finished:
                 k = int(out.request_id)
-                records[k] = to_record(out.request_id, requests[k].prompt_len, out)
+                records[k] = rec = to_record(out.request_id, requests[k].prompt_len, out)
+                if stop_after is not None and not meets_slo(rec, stop_after[0]):
+                    misses += 1
+        if stop_after is not None and misses > stop_after[1]:
+            return [r if r is not None else RequestRecord(str(k), requests[k].prompt_len,
+                                                          arrival_time=requests[k].arrival_time)
+                    for k, r in enumerate(records)]
     return records  # type: ignore[return-value]

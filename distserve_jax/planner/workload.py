@@ -32,9 +32,21 @@ class UnknownWorkloadError(ValueError):
 
 
 def _tokenizer(name: str):
-    from serving.bench import load_model_tokenizer  # tokenizers only, no JAX
+    """A model directory's tokenizer, or "demo" / a named config's demo tokenizer (no JAX)."""
+    from distserve_jax.models.tokenizer import Tokenizer, load_tokenizer
 
-    return load_model_tokenizer(name)
+    path = Path(name)
+    if path.is_dir():
+        tok = load_tokenizer(path)
+        if tok is None:
+            raise ValueError(f"model directory {name} has no tokenizer.json")
+        return tok
+    config = Path(__file__).resolve().parents[2] / "configs" / "models" / f"{'demo' if name == 'demo' else name}.json"
+    if not config.is_file() or json.loads(config.read_text()).get("distserve", {}).get("tokenizer") != "demo":
+        raise ValueError(f"tokenizer {name!r}: not a model directory and not a named config with a tokenizer")
+    from distserve_jax.models.demo_tokenizer import build_demo_tokenizer
+
+    return Tokenizer(build_demo_tokenizer(vocab_size=int(json.loads(config.read_text())["vocab_size"])))
 
 
 def lengths(name: str, n: int, *, seed: int = 0, max_model_len: int = 2048, tokenizer: str = "demo",
