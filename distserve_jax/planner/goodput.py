@@ -31,6 +31,7 @@ from distserve_jax.planner.workload import at_rate
 UNLIMITED_BLOCKS = 1 + 10_000_000  # a phantom instance's KV cache: never the bottleneck
 FAR = 1 << 40  # a device id on another node than every real device
 RELAXED = 1e9  # seconds: the target of the phase not simulated
+MIN_SPAN_SLOS = 2.0  # a simulated trace spans at least this many times a request's SLO (TTFT + output x TPOT)
 
 
 class PlannerError(ValueError):
@@ -52,12 +53,23 @@ class Workload:
     lens: tuple[tuple[int, int], ...]
     unit: np.ndarray = dataclasses.field(compare=False, repr=False)
     name: str = "workload"
+    cv: float = 1.0
+    seed: int = 0
 
     @classmethod
     def make(cls, lens: Sequence[tuple[int, int]], *, cv: float = 1.0, seed: int = 0, name: str = "workload"):
         from distserve_jax.planner.workload import unit_arrivals
 
-        return cls(tuple(lens), unit_arrivals(len(lens), cv=cv, seed=seed), name)
+        return cls(tuple(lens), unit_arrivals(len(lens), cv=cv, seed=seed), name, cv, seed)
+
+    def at_least(self, n: int) -> "Workload":
+        """This workload's requests cycled to `n` (the same arrival process, continued)."""
+        if n <= len(self.lens):
+            return self
+        from distserve_jax.planner.workload import unit_arrivals
+
+        lens = tuple(self.lens[i % len(self.lens)] for i in range(n))
+        return Workload(lens, unit_arrivals(n, cv=self.cv, seed=self.seed), self.name, self.cv, self.seed)
 
     @property
     def mean_prompt(self) -> float:
@@ -188,6 +200,10 @@ def attainment(unit: Unit, profile: Profile, work: Workload, slo: SLO, rate: flo
     With `target`, a simulation stops as soon as too many requests missed to reach it: the value
     returned is then an upper bound below the target (enough for a goodput search).
     """
+    # A finite trace at a rate past capacity still meets a loose SLO if it ends before queues have
+    # grown past it: the trace spans at least a few SLOs (its requests cycled), so overload shows.
+    span = MIN_SPAN_SLOS * (slo.ttft_s if unit.kind == "prefill" else slo.ttft_s + work.mean_output * slo.tpot_s)
+    work = work.at_least(math.ceil(rate * span))
     lens = lens_for(unit.kind, work)
     reqs = at_rate(lens, rate, unit=work.unit)
     models = {n: InstantModel() for n in unit.phantoms}

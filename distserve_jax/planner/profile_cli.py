@@ -141,7 +141,7 @@ def measure_link(spec: Any, devices: Sequence[Any], st: Settings) -> float:
     mig = KVMigrator(a, b)
     mig.warmup()
     rates = []
-    for n in (8, 32, 64):
+    for n in (4, 8, 16):
         ts = []
         for _ in range(5):
             t = time.perf_counter()

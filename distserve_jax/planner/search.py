@@ -157,6 +157,29 @@ def _verify(plan: Plan, dep: Deployment, profile: Profile, work: g.Workload, slo
     plan.num_simulations += 1
 
 
+def _place(plan: Plan, groups_for: Callable[[tuple[int, ...]], list], counts: tuple[int, ...],
+           bump: Callable[[tuple[int, ...]], tuple[int, ...]], cluster: Cluster, lim: dict, profile: Profile,
+           work: g.Workload, slo: SLO, target: float, what: Callable[[tuple[int, ...]], str]) -> None:
+    """Packs the ceil(R / goodput) replicas and simulates them jointly at R; while that misses the
+    target (goodputs come from fewer requests than the check), adds a replica, at most twice."""
+    lim = {k: v for k, v in lim.items() if k != "gpus_per_node"}
+    for attempt in range(3):
+        try:
+            dep = pack(groups_for(counts), cluster, dict(lim))
+        except g.NoFittingPlacementError as e:
+            if plan.placement is None:
+                plan.error = f"rate {plan.rate}/s needs {what(counts)}: {e}"
+            else:
+                plan.skipped.append(f"one more replica would not fit ({what(counts)})")
+            return
+        _verify(plan, dep, profile, work, slo)
+        if plan.attainment_at_rate >= target or attempt == 2:
+            return
+        plan.skipped.append(f"{what(counts)} simulated at {plan.rate}/s reached only {plan.attainment_at_rate:.3f}: "
+                            f"one more replica")
+        counts = bump(counts)
+
+
 # ------------------------------------------------------------------------------ algorithms
 def alg1(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: float, *, target: float = 0.9,
          limits: dict | None = None, jobs: int = 1, rel_tol: float = 0.01, verify: g.Workload | None = None,
@@ -176,16 +199,20 @@ def alg1(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
     plan = Plan("alg1", rate, None, None, [], pre, dec, skipped,
                 num_simulations=sum(s.num_evals for s in scored))
     bp, bd = pre[0], dec[0]
-    n, mm = g.ceil_div(rate, bp.goodput), g.ceil_div(rate, bd.goodput)
     (tp_p, pp_p), (tp_d, pp_d) = _shape(bp), _shape(bd)
-    groups = [s for k in range(n) for s in _segments("prefill", tp_p, pp_p, k, cluster.gpus_per_node)]
-    groups += [s for k in range(mm) for s in _segments("decode", tp_d, pp_d, k, cluster.gpus_per_node)]
-    try:
-        dep = pack(groups, cluster, {k: v for k, v in lim.items() if k != "gpus_per_node"})
-        _verify(plan, dep, profile, verify or work, slo)
-    except g.NoFittingPlacementError as e:
-        plan.error = (f"rate {rate}/s needs {n} x P({bp.unit.describe()}) + {mm} x D({bd.unit.describe()}) = "
-                      f"{n * bp.unit.num_gpus + mm * bd.unit.num_gpus} GPUs: {e}")
+    m_ = cluster.gpus_per_node
+
+    def groups_for(c):
+        return ([s for k in range(c[0]) for s in _segments("prefill", tp_p, pp_p, k, m_)]
+                + [s for k in range(c[1]) for s in _segments("decode", tp_d, pp_d, k, m_)])
+
+    def bump(c):  # the phase with less headroom over R gets the replica
+        return (c[0] + 1, c[1]) if c[0] * bp.goodput <= c[1] * bd.goodput else (c[0], c[1] + 1)
+
+    _place(plan, groups_for, (g.ceil_div(rate, bp.goodput), g.ceil_div(rate, bd.goodput)), bump, cluster, lim,
+           profile, verify or work, slo, target,
+           lambda c: f"{c[0]} x {bp.unit.describe()} + {c[1]} x {bd.unit.describe()} = "
+                     f"{c[0] * bp.unit.num_gpus + c[1] * bd.unit.num_gpus} GPUs")
     plan.ranked = _rank(pre + dec)
     plan.seconds = time.perf_counter() - t0
     return plan
@@ -264,15 +291,12 @@ def alg2(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
     bst = ranked[0]
     if bst.goodput <= 0:
         raise g.ImpossibleSLOError(f"no prefill/decode pair meets TTFT <= {slo.ttft_s}s / TPOT <= {slo.tpot_s}s jointly")
-    n = g.ceil_div(rate, bst.goodput)
     (tp_p, pp_p), (tp_d, pp_d) = _shape(bst, "prefill"), _shape(bst, "decode")
     k = pair_of[id(bst)][2]
-    groups = [[("prefill", tp_p, pp_p // k, r), ("decode", tp_d, pp_d // k, r)] for r in range(n) for _ in range(k)]
-    try:
-        dep = pack(groups, cluster, {kk: v for kk, v in lim.items() if kk != "gpus_per_node"})
-        _verify(plan, dep, profile, verify or work, slo)
-    except g.NoFittingPlacementError as e:
-        plan.error = f"rate {rate}/s needs {n} segment groups of {bst.unit.num_gpus} GPUs ({bst.unit.describe()}): {e}"
+    _place(plan, lambda c: [[("prefill", tp_p, pp_p // k, r), ("decode", tp_d, pp_d // k, r)]
+                            for r in range(c[0]) for _ in range(k)],
+           (g.ceil_div(rate, bst.goodput),), lambda c: (c[0] + 1,), cluster, lim, profile, verify or work, slo, target,
+           lambda c: f"{c[0]} segment groups of {bst.unit.num_gpus} GPUs ({bst.unit.describe()})")
     plan.seconds = time.perf_counter() - t0
     return plan
 
@@ -292,13 +316,10 @@ def baselines(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, ra
         plan = Plan(mode, rate, None, None, ranked, skipped=skipped, num_simulations=sum(s.num_evals for s in ranked))
         if ranked and ranked[0].goodput > 0:
             tp = ranked[0].unit.deployment.instances[0].tp
-            n = g.ceil_div(rate, ranked[0].goodput)
-            try:
-                dep = pack([[("colocated", tp, 1, r)] for r in range(n)], cluster,
-                           {**{k: v for k, v in lim.items() if k != "gpus_per_node"}, "_mode": mode})
-                _verify(plan, dep, profile, verify or work, slo)
-            except g.NoFittingPlacementError as e:
-                plan.error = f"rate {rate}/s needs {n} x {mode}(tp{tp}) = {n * tp} GPUs: {e}"
+            _place(plan, lambda c, tp=tp: [[("colocated", tp, 1, r)] for r in range(c[0])],
+                   (g.ceil_div(rate, ranked[0].goodput),), lambda c: (c[0] + 1,), cluster, {**lim, "_mode": mode},
+                   profile, verify or work, slo, target, lambda c, tp=tp, mode=mode: f"{c[0]} x {mode}(tp{tp}) = "
+                                                                                  f"{c[0] * tp} GPUs")
         else:
             plan.error = f"no {mode} configuration meets the SLO"
         plan.seconds = time.perf_counter() - t0

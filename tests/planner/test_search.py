@@ -47,8 +47,9 @@ def test_alg1_picks_each_phases_best_and_replicates(work):
     bp, bd = plan.prefill[0], plan.decode[0]
     assert 150 < bp.goodput < 320 and 120 < bd.goodput < 320  # near the analytic capacities
     n, m = g.ceil_div(500, bp.goodput), g.ceil_div(500, bd.goodput)
-    insts = plan.placement.instances
-    assert [(i.role, i.tp) for i in insts] == [("prefill", 2)] * n + [("decode", 1)] * m
+    roles = [(i.role, i.tp) for i in plan.placement.instances]
+    n2, m2 = roles.count(("prefill", 2)), roles.count(("decode", 1))
+    assert n2 + m2 == len(roles) and n <= n2 and m <= m2 and n2 + m2 <= n + m + 2  # ceil(R/goodput), +verification
     assert plan.attainment_at_rate >= 0.9 and plan.error is None
 
 
