@@ -14,7 +14,7 @@ Wilson intervals, and their difference in percentage points (the paper's Table 2
 within 2 pp at every point).
 
 SLOs: `--ttft_slo` / `--tpot_slo`, or when 0, `--ttft_scale` x the profile's prefill time of the
-mean prompt and `--tpot_scale` x its decode step at batch 8. Rates: `--rates`, or when empty,
+90th-percentile prompt and `--tpot_scale` x its decode step at a full batch (`--max_num_seqs`). Rates: `--rates`, or when empty,
 `--rate_factors` x each deployment's simulated goodput.
 
 `--executor=threads` runs every instance as a thread of this process: on CPU devices the
@@ -64,9 +64,9 @@ flags.DEFINE_integer("max_output_len", 128, "Output lengths are clipped to this.
 flags.DEFINE_integer("max_num_seqs", 16, "Engine limit.")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "Engine limit (the chunked replica's chunk budget too).")
 flags.DEFINE_integer("num_blocks", 400, "KV blocks per instance.")
-flags.DEFINE_float("ttft_slo", 0.0, "TTFT target (s); 0: --ttft_scale x the profile's unloaded prefill.")
-flags.DEFINE_float("tpot_slo", 0.0, "TPOT target (s); 0: --tpot_scale x the profile's batch-8 decode step.")
-flags.DEFINE_float("ttft_scale", 4.0, "See --ttft_slo.")
+flags.DEFINE_float("ttft_slo", 0.0, "TTFT target (s); 0: --ttft_scale x the profile's prefill of the p90 prompt.")
+flags.DEFINE_float("tpot_slo", 0.0, "TPOT target (s); 0: --tpot_scale x the profile's decode step at a full batch.")
+flags.DEFINE_float("ttft_scale", 3.0, "See --ttft_slo.")
 flags.DEFINE_float("tpot_scale", 3.0, "See --tpot_slo.")
 flags.DEFINE_float("drain_s", 120.0, "Seconds after the last arrival before a real run is cut.")
 flags.DEFINE_integer("seed", 0, "Workload and arrival seed.")
@@ -129,8 +129,9 @@ def main(argv):
     work = g.Workload.make(lens, seed=FLAGS.seed, name=FLAGS.workload)
     sm = prof.step_model(1, 1)
     mean_p = int(work.mean_prompt)
-    ttft = FLAGS.ttft_slo or FLAGS.ttft_scale * sm.stage_time([g._Work([0] * mean_p, 0)])
-    tpot = FLAGS.tpot_slo or FLAGS.tpot_scale * sm.stage_time([g._Work([0], mean_p)] * 8)
+    p90 = int(np.percentile([p for p, _ in lens], 90))
+    ttft = FLAGS.ttft_slo or FLAGS.ttft_scale * sm.stage_time([g.WorkShape([0] * p90, 0)])
+    tpot = FLAGS.tpot_slo or FLAGS.tpot_scale * sm.stage_time([g.WorkShape([0], mean_p)] * FLAGS.max_num_seqs)
     slo = metrics.SLO(ttft, tpot)
     rng = np.random.default_rng(FLAGS.seed)
     vocab = 1000
@@ -150,6 +151,8 @@ def main(argv):
             unit = g.Unit(name, dep, dep.num_devices)
             gp = g.search_rate(lambda r: g.attainment(unit, prof, work, slo, r), guess=g.guess_rate(unit, prof, work),
                                target=0.9, rel_tol=0.02).rate
+            if gp <= 0:
+                raise ValueError(f"{name}: the SLO is met at no rate in simulation; loosen --ttft_scale/--tpot_scale")
             rates = [round(gp * float(f), 3) for f in FLAGS.rate_factors]
         core = real_core(name)
         for rate in rates:

@@ -222,7 +222,7 @@ def attainment(unit: Unit, profile: Profile, work: Workload, slo: SLO, rate: flo
 def guess_rate(unit: Unit, profile: Profile, work: Workload) -> float:
     """A rough capacity estimate to start the bracket from (req/s)."""
     d = unit.deployment
-    pw = _Work([0] * int(work.mean_prompt), 0)
+    pw = WorkShape([0] * int(work.mean_prompt), 0)
     out = max(work.mean_output, 1.0)
     rates = []
     for i in d.instances:
@@ -234,7 +234,7 @@ def guess_rate(unit: Unit, profile: Profile, work: Workload) -> float:
         if i.role in ("decode", "colocated") and unit.kind != "prefill":
             tokens = profile.kv_capacity_tokens(i.tp, i.pp)[0]
             b = max(1, min(d.max_num_seqs, int(tokens / (work.mean_prompt + out / 2))))
-            step = sm.stage_time([_Work([0], int(work.mean_prompt + out / 2))] * b) * i.pp
+            step = sm.stage_time([WorkShape([0], int(work.mean_prompt + out / 2))] * b) * i.pp
             rates.append(b / (out * max(step, 1e-6)))
     if not rates:
         return 1.0
@@ -242,7 +242,9 @@ def guess_rate(unit: Unit, profile: Profile, work: Workload) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Work:
+class WorkShape:
+    """A batch item's shape, for step-time estimates (what `StepModel.stage_time` reads of a `SeqWork`)."""
+
     token_ids: list
     context_len: int
     sample: bool = True

@@ -344,7 +344,6 @@ def summary(plan: Plan) -> dict:
 def attainment_curve(dep: Deployment, profile: Profile, work: g.Workload, slo: SLO, rates: list[float],
                      scales: list[float] | None = None) -> dict:
     """Predicted attainment of a placement at each rate, and at each SLO scale at the first rate."""
-    unit = g.Unit("placement", dep, dep.num_devices)
     from distserve_jax.planner import simulator
     from distserve_jax.planner.workload import at_rate
 
@@ -355,5 +354,4 @@ def attainment_curve(dep: Deployment, profile: Profile, work: g.Workload, slo: S
                              "summary": metrics.summarize(recs, slos=slo)})
         if scales and r == rates[0]:
             out["scales"] = [{"scale": s, "attainment": metrics.attainment(recs, slo.scaled(s))} for s in scales]
-    del unit
     return out
