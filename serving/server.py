@@ -32,8 +32,12 @@ MODES = ("disaggregated", "colocated", "chunked")
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "demo", "A Hugging Face model directory, or a named config in configs/models/.")
 flags.DEFINE_string("served_model_name", None, "Name clients use as `model` (default: the --model basename).")
-flags.DEFINE_string("placement", "auto", "Placement YAML file, or `auto`: the default placement for the visible "
-                    "devices (disaggregated mode only).")
+flags.DEFINE_string("placement", "auto", "Placement YAML file, `auto`: the default placement for the visible "
+                    "devices, or `plan`: profile the devices (cached) and plan for --plan_rate under the first --slo "
+                    "(disaggregated mode only).")
+flags.DEFINE_float("plan_rate", 1.0, "--placement=plan: request rate (req/s) to plan for.")
+flags.DEFINE_string("plan_profile", None, "--placement=plan: a latency profile (default: the cached local one).")
+flags.DEFINE_string("plan_workload", "sharegpt", "--placement=plan: workload whose lengths the plan simulates.")
 flags.DEFINE_enum("mode", "disaggregated", MODES, "Serving mode.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 50051, "gRPC port.")
@@ -81,6 +85,12 @@ def resolve_placement(spec: str, num_devices: int) -> Any:
 
     if spec == "auto":
         return Placement.auto(num_devices)
+    if spec == "plan":
+        from distserve_jax.planner.autoplan import plan_placement
+
+        return plan_placement(FLAGS.model, num_devices, parse_slo(FLAGS.slo[0])[1], FLAGS.plan_rate,
+                              limits={k: v for k, v in _engine_kwargs().items() if k != "dtype"},
+                              workload=FLAGS.plan_workload, profile_path=FLAGS.plan_profile)
     if not Path(spec).is_file():
         raise ValueError(f"--placement {spec!r} is neither `auto` nor an existing file")
     return Placement.from_yaml(spec)
