@@ -71,12 +71,13 @@ def _engine_kwargs() -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def resolve_placement(spec: str, num_devices: int) -> Any:
-    """`auto` -> `Placement.auto(num_devices)`; otherwise `Placement.from_yaml(spec)`."""
+def resolve_placement(spec: str, num_devices: int, model_config: Any = None) -> Any:
+    """`auto` -> `Placement.auto(num_devices, model_config)` (the largest tp that shards the model);
+    otherwise `Placement.from_yaml(spec)`."""
     from distserve_jax.engine.placement import Placement  # Lazily: only disaggregated mode needs it.
 
     if spec == "auto":
-        return Placement.auto(num_devices)
+        return Placement.auto(num_devices, model_config)
     if not Path(spec).is_file():
         raise ValueError(f"--placement {spec!r} is neither `auto` nor an existing file")
     return Placement.from_yaml(spec)
@@ -96,16 +97,18 @@ def build_core(mode: str, model: str, placement_spec: str, warmup: bool, engine_
     import jax
 
     from distserve_jax.engine.factory import build_core as factory_build_core
+    from distserve_jax.engine.model_source import resolve_model
 
+    spec = resolve_model(model)
     placement = None
     kwargs = dict(engine_kwargs)
     if mode == "disaggregated":
-        placement = resolve_placement(placement_spec, len(jax.devices()))
+        placement = resolve_placement(placement_spec, len(jax.devices()), spec.config)
     else:
         kwargs["tp"] = FLAGS.tp
         kwargs["replicas"] = FLAGS.replicas
     logging.info("building the %s engine for %s on %d devices", mode, model, len(jax.devices()))
-    core = factory_build_core(model, mode=mode, placement=placement, **kwargs)
+    core = factory_build_core(spec, mode=mode, placement=placement, **kwargs)
     if warmup and hasattr(core, "warmup"):
         logging.info("warming up (compiling step buckets)")
         n = core.warmup()
