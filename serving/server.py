@@ -61,6 +61,9 @@ flags.DEFINE_float("slo_window_s", 60.0, "Sliding window of the SLO attainment g
 flags.DEFINE_float("drain_timeout_s", 10.0, "On SIGTERM, how long in-flight requests may run before abort.")
 flags.DEFINE_float("shutdown_grace_s", 3.0, "On SIGTERM, how long streams get to deliver their final message.")
 flags.DEFINE_bool("warmup", True, "Compile the step buckets before reporting healthy.")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache: a restart loads the compiled "
+                    "steps from here instead of compiling them again. Default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/distserve_jax/xla ($DISTSERVE_CACHE/xla); `none` turns it off.")
 
 
 def _engine_kwargs() -> dict[str, Any]:
@@ -228,11 +231,28 @@ class Server:
             await self.http_runner.cleanup()
 
 
+def enable_compilation_cache(flag: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache (see --compilation_cache_dir); returns its directory."""
+    if flag is not None and flag.lower() == "none":
+        return None
+    from distserve_jax.models.demo_tokenizer import default_cache_dir
+
+    path = flag or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_cache_dir() / "xla")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for spec in FLAGS.slo:
         parse_slo(spec)
+    cache = enable_compilation_cache(FLAGS.compilation_cache_dir)
+    logging.info("persistent compilation cache: %s", cache or "off")
     code = asyncio.run(Server().run())
     if code:
         raise SystemExit(code)
