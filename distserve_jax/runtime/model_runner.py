@@ -198,11 +198,13 @@ class ModelRunner:
         # array (a padding row writes page 0). The native CPU kernel writes in place at any size.
         first = 1 if dispatch.writes_kv_in_place(config.attention_backend, config.dtype) else 2
         self.seq_buckets = geometric_buckets(first, max(first, c.max_num_seqs))
-        # Logits rows (and so the sampler's shapes) come in fewer sizes than the steps: at least
-        # `_MIN_LOGIT_ROWS` (the LM head reads its whole matrix for one row or four: the extra rows
-        # cost next to nothing), so every compiled sampler serves several step shapes.
+        # Logits rows (and so the sampler's shapes) come in fewer sizes than the steps: one row (a
+        # one-row decode step keeps its matrix-vector LM head), else at least `_MIN_LOGIT_ROWS` (the
+        # LM head reads its whole matrix for two rows or four), so a compiled sampler serves
+        # several step shapes.
         lo = min(_MIN_LOGIT_ROWS, c.max_num_seqs)
-        self.logit_row_buckets = geometric_buckets(lo, max(lo, c.max_num_seqs, first))
+        rows = geometric_buckets(lo, max(lo, c.max_num_seqs, first))
+        self.logit_row_buckets = (1,) + rows if first == 1 and rows[0] > 1 else rows
         self.prefill_seq_buckets = geometric_buckets(lo, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
         self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
