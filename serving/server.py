@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.frontend import Frontend, ServedModel
+from serving.startup import build_core
 from serving.grpc_service import SERVICE_NAME, DistServeServicer
 from serving.prometheus_metrics import ServingMetrics, parse_slo
 from serving.proto import distserve_pb2_grpc as pb_grpc
@@ -74,49 +75,12 @@ def _engine_kwargs() -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def resolve_placement(spec: str, num_devices: int, model_config: Any = None) -> Any:
-    """`auto` -> `Placement.auto(num_devices, model_config)` (the largest tp that shards the model);
-    otherwise `Placement.from_yaml(spec)`."""
-    from distserve_jax.engine.placement import Placement  # Lazily: only disaggregated mode needs it.
-
-    if spec == "auto":
-        return Placement.auto(num_devices, model_config)
-    if not Path(spec).is_file():
-        raise ValueError(f"--placement {spec!r} is neither `auto` nor an existing file")
-    return Placement.from_yaml(spec)
-
-
 def placement_text(placement: Any) -> str:
     if placement is None:
         return ""
     if dataclasses.is_dataclass(placement):
         return json.dumps(dataclasses.asdict(placement), default=str, sort_keys=True)
     return str(placement)
-
-
-def build_core(mode: str, model: str, placement_spec: str, warmup: bool, engine_kwargs: dict[str, Any]
-               ) -> tuple[Any, Any]:
-    """Builds (and warms) the engine core; runs off the event loop. Returns (core, placement)."""
-    import jax
-
-    from distserve_jax.engine.factory import build_core as factory_build_core
-    from distserve_jax.engine.model_source import resolve_model
-
-    spec = resolve_model(model)
-    placement = None
-    kwargs = dict(engine_kwargs)
-    if mode == "disaggregated":
-        placement = resolve_placement(placement_spec, len(jax.devices()), spec.config)
-    else:
-        kwargs["tp"] = FLAGS.tp
-        kwargs["replicas"] = FLAGS.replicas
-    logging.info("building the %s engine for %s on %d devices", mode, model, len(jax.devices()))
-    core = factory_build_core(spec, mode=mode, placement=placement, **kwargs)
-    if warmup and hasattr(core, "warmup"):
-        logging.info("warming up (compiling step buckets)")
-        n = core.warmup()
-        logging.info("warm-up done (%s shapes)", n)
-    return core, placement
 
 
 class Server:
@@ -172,8 +136,11 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         await self.start_ports()
+        kwargs = _engine_kwargs()
+        if FLAGS.mode != "disaggregated":
+            kwargs.update(tp=FLAGS.tp, replicas=FLAGS.replicas)
         build = asyncio.ensure_future(asyncio.to_thread(
-            build_core, FLAGS.mode, FLAGS.model, FLAGS.placement, FLAGS.warmup, _engine_kwargs()))
+            build_core, FLAGS.mode, FLAGS.model, FLAGS.placement, FLAGS.warmup, kwargs))
         stopper = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait([build, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not build.done():

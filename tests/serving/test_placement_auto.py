@@ -1,4 +1,5 @@
-"""`--placement=auto` picks a placement the model can be sharded by (9 heads: not tp=2 or tp=4)."""
+"""`--placement=auto` picks a placement the model can be sharded by (9 heads: not tp=2 or tp=4); the server
+builds its engine with `serving.startup`."""
 
 import jax
 import pytest
@@ -7,7 +8,7 @@ import transformers
 
 from distserve_jax.engine.model_source import resolve_model
 from distserve_jax.sampling_params import SamplingParams
-from serving import server
+from serving import startup
 from tests.hf_checkpoints import _byte_tokenizer
 
 
@@ -26,15 +27,15 @@ def nine_heads(tmp_path_factory):
 
 def test_auto_placement_follows_the_model(nine_heads):
     cfg9 = resolve_model(nine_heads).config
-    assert server.resolve_placement("auto", 8, cfg9).describe() == "P(tp1)+D(tp1)"
-    assert server.resolve_placement("auto", 8, resolve_model("demo").config).describe() == "P(tp4)+D(tp4)"
+    assert startup.resolve_placement("auto", 8, cfg9).describe() == "P(tp1)+D(tp1)"
+    assert startup.resolve_placement("auto", 8, resolve_model("demo").config).describe() == "P(tp4)+D(tp4)"
     with pytest.raises(ValueError, match="neither `auto` nor an existing file"):
-        server.resolve_placement("no-such.yaml", 8, cfg9)
+        startup.resolve_placement("no-such.yaml", 8, cfg9)
 
 
 def test_server_serves_a_nine_head_model_with_auto_placement(nine_heads):
     assert len(jax.devices()) == 8  # where auto without the model chose tp=4, which 9 heads refuse
-    core, placement = server.build_core("disaggregated", str(nine_heads), "auto", False,
+    core, placement = startup.build_core("disaggregated", str(nine_heads), "auto", False,
                                         {"max_model_len": 64, "num_blocks": 8, "max_num_seqs": 2})
     try:
         assert placement.describe() == "P(tp1)+D(tp1)"
