@@ -87,7 +87,7 @@ def start_server(mode: str, log_path: Path, *, http_port: int | None = None, cac
     return proc, f"127.0.0.1:{port}"
 
 
-def ask_grpc(address: str, tokenizer: Any, question: str, out: Any = sys.stdout) -> str:
+def ask_grpc(address: str, tokenizer: Any, question: str, max_tokens: int, out: Any = sys.stdout) -> str:
     """Asks one chat question over gRPC (template rendered here), writing the answer as it streams."""
     from serving.chat import render_chat
     from serving.client import Client
@@ -95,7 +95,7 @@ def ask_grpc(address: str, tokenizer: Any, question: str, out: Any = sys.stdout)
     prompt = render_chat([{"role": "user", "content": question}], tokenizer)
     text = []
     with Client(address) as c:
-        for msg in c.stream(prompt, sampling={"temperature": 0.0, "max_tokens": FLAGS.answer_tokens}):
+        for msg in c.stream(prompt, sampling={"temperature": 0.0, "max_tokens": max_tokens}):
             out.write(msg.text)
             out.flush()
             text.append(msg.text)
@@ -103,12 +103,12 @@ def ask_grpc(address: str, tokenizer: Any, question: str, out: Any = sys.stdout)
     return "".join(text)
 
 
-def ask_http(base_url: str, model: str, question: str, out: Any = sys.stdout) -> str:
+def ask_http(base_url: str, model: str, question: str, max_tokens: int, out: Any = sys.stdout) -> str:
     """Asks one chat question at the OpenAI front (`stream: true`), writing the answer as it streams."""
     import urllib.request
 
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}], "stream": True,
-                       "temperature": 0.0, "max_tokens": FLAGS.answer_tokens}).encode()
+                       "temperature": 0.0, "max_tokens": max_tokens}).encode()
     req = urllib.request.Request(f"{base_url}/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     text = []
@@ -135,9 +135,9 @@ def show_answers(address: str, http_port: int, served_model: str) -> None:
         last = i == len(FLAGS.questions) - 1 and len(FLAGS.questions) > 1
         sys.stdout.write(f"\n[{'HTTP /v1/chat/completions' if last else 'gRPC Generate'}] user: {q}\nassistant: ")
         if last:
-            ask_http(f"http://127.0.0.1:{http_port}", served_model, q)
+            ask_http(f"http://127.0.0.1:{http_port}", served_model, q, FLAGS.answer_tokens)
         else:
-            ask_grpc(address, tokenizer, q)
+            ask_grpc(address, tokenizer, q, FLAGS.answer_tokens)
     sys.stdout.write("\n")
 
 
