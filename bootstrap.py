@@ -12,6 +12,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +30,10 @@ def ensure_venv() -> None:
     pip = [str(PY), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     subprocess.check_call(pip + ["--upgrade", "pip"])
     subprocess.check_call(pip + ["-e", f"{ROOT}[test]"])
+    # Packages whose files are used but whose dependencies are not (see [tool.distserve] no_deps).
+    no_deps = tomllib.loads((ROOT / "pyproject.toml").read_text()).get("tool", {}).get("distserve", {}).get("no_deps", [])
+    if no_deps:
+        subprocess.check_call(pip + ["--no-deps", *no_deps])
     STAMP.write_text(want)
 
 

@@ -1,6 +1,7 @@
 """Decode-step benchmark (CLI): the runtime's decode step against the memory floor and transformers.
 
-For a Llama-shaped model (default: `configs/models/llama-130m.json`, float32, random weights) and
+For a Llama-shaped model (default: `configs/models/llama-130m.json`, float32, random weights; or a
+real one, `--model=smollm2-135m`, whose dequantized weights both sides load) and
 each batch size in `--batch_sizes`, with `--context` tokens of context per sequence, it measures
 in one process on one CPU device (tp=1):
 
@@ -69,6 +70,7 @@ import torch
 import transformers
 
 from distserve_jax.engine.model_source import CONFIG_DIR, resolve_model
+from distserve_jax.runtime.weights import HFDirectory
 from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SeqWork
 from distserve_jax.runtime.sharding import kv_pages_sharding, make_mesh
 from distserve_jax.sampling_params import SamplingParams
@@ -80,7 +82,8 @@ flags.DEFINE_integer("context", 512, "Tokens of context per sequence before the 
 flags.DEFINE_integer("steps", 20, "Timed decode steps per batch size (median reported).")
 flags.DEFINE_integer("chunk", 5, "Timed steps per chunk; ours and transformers alternate by chunk.")
 flags.DEFINE_integer("warmup", 3, "Untimed decode steps before the timed ones (compilation included).")
-flags.DEFINE_string("model", "llama-130m", "Named config in configs/models/ (a Llama shape).")
+flags.DEFINE_string("model", "llama-130m", "Named config in configs/models/: a Llama shape (random weights, "
+                    "seeded), or a named real model (`smollm2-135m`: both sides load its weights).")
 flags.DEFINE_integer("max_model_len", 2048, "RunnerConfig.max_model_len (sets the block-table width buckets).")
 flags.DEFINE_integer("block_size", 16, "Tokens per KV block.")
 flags.DEFINE_integer("prefill_chunk", 4, "Sequences per transformers prefill call.")
@@ -370,12 +373,17 @@ def main(argv):
     blocks_per_seq = -(-total_len // FLAGS.block_size)
 
     # Same weights on both sides: a seeded transformers model saved to disk, loaded by the runner.
-    torch.manual_seed(FLAGS.seed)
-    hcfg = hf_config(FLAGS.model)
-    hf = transformers.LlamaForCausalLM(hcfg).to(torch.float32).eval()
-    tmp = tempfile.TemporaryDirectory(prefix="decode_step_")
-    hf.save_pretrained(tmp.name)
-    spec = resolve_model(tmp.name)
+    named = resolve_model(FLAGS.model)
+    tmp = None
+    if isinstance(named.weights, HFDirectory):  # real weights (smollm2-135m: its cached conversion)
+        spec = named
+        hf = transformers.LlamaForCausalLM.from_pretrained(named.weights.path, dtype=torch.float32).eval()
+    else:
+        torch.manual_seed(FLAGS.seed)
+        hf = transformers.LlamaForCausalLM(hf_config(FLAGS.model)).to(torch.float32).eval()
+        tmp = tempfile.TemporaryDirectory(prefix="decode_step_")
+        hf.save_pretrained(tmp.name)
+        spec = resolve_model(tmp.name)
     mesh = make_mesh(jax.devices()[:1])
     runner = ModelRunner(spec.config, [mesh], spec.weights, RunnerConfig(
         max_model_len=FLAGS.max_model_len, block_size=FLAGS.block_size, num_blocks=1 + max_b * blocks_per_seq,
@@ -465,7 +473,8 @@ def main(argv):
           "time its hypervisor gave to others during the batch's timed steps (/proc/stat)")
     for v in verdicts:
         print(v)
-    tmp.cleanup()
+    if tmp is not None:
+        tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -33,16 +33,21 @@ def load_model_tokenizer(model: str) -> Any:
     """The tokenizer of `model` (a model directory, or a named config in configs/models/), without JAX."""
     from distserve_jax.models.tokenizer import Tokenizer, load_tokenizer
 
+    from distserve_jax.models import gguf_io
+
     path = Path(model)
+    config = Path(__file__).resolve().parents[1] / "configs" / "models" / f"{model}.json"
+    hf = json.loads(config.read_text()) if not path.exists() and config.is_file() else {}
+    packaged = gguf_io.named_gguf(hf.get("distserve", {}))
+    if path.suffix == ".gguf" or packaged is not None:  # the cached conversion's tokenizer
+        path = gguf_io.cached_conversion(packaged or path)
     if path.is_dir():
         tok = load_tokenizer(path)
         if tok is None:
-            raise ValueError(f"model directory {model} has no tokenizer.json")
+            raise ValueError(f"model {model} has no tokenizer")
         return tok
-    config = Path(__file__).resolve().parents[1] / "configs" / "models" / f"{model}.json"
     if not config.is_file():
         raise ValueError(f"unknown model {model!r}: not a directory and not a config in configs/models/")
-    hf = json.loads(config.read_text())
     if hf.get("distserve", {}).get("tokenizer") != "demo":
         raise ValueError(f"named model {model!r} has no tokenizer; use a synthetic workload")
     from distserve_jax.models.demo_tokenizer import build_demo_tokenizer

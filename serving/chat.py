@@ -1,7 +1,7 @@
 """Chat prompts: OpenAI `messages` -> one prompt string.
 
-With a chat template (the tokenizer's `chat_template`, a Jinja template as in Hugging Face
-`tokenizer_config.json`), the messages are rendered by it in a sandbox with
+With a chat template (the tokenizer's `chat_template`: a Hugging Face Jinja template, read from
+`chat_template.jinja`, `chat_template.json` or `tokenizer_config.json`), the messages are rendered by it in a sandbox with
 `add_generation_prompt=True`, `bos_token` and `eos_token`. Without one, the plain format is
 one line per message, `"<role>: <content>"`, followed by a final `"assistant:"` line, e.g.
 

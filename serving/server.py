@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.frontend import Frontend, ServedModel
 from serving.grpc_service import SERVICE_NAME, DistServeServicer, add_to_server, receive_limit_bytes
+from serving.startup import build_core
 from serving.prometheus_metrics import ServingMetrics, parse_slo
 
 MODES = ("disaggregated", "colocated", "chunked")
@@ -69,6 +70,9 @@ flags.DEFINE_float("slo_window_s", 60.0, "Sliding window of the SLO attainment g
 flags.DEFINE_float("drain_timeout_s", 10.0, "On SIGTERM, how long in-flight requests may run before abort.")
 flags.DEFINE_float("shutdown_grace_s", 3.0, "On SIGTERM, how long streams get to deliver their final message.")
 flags.DEFINE_bool("warmup", True, "Compile the step buckets before reporting healthy.")
+flags.DEFINE_string("compilation_cache_dir", None, "JAX's persistent compilation cache: a restart loads the compiled "
+                    "steps from here instead of compiling them again. Default: $JAX_COMPILATION_CACHE_DIR, else "
+                    "~/.cache/distserve_jax/xla ($DISTSERVE_CACHE/xla); `none` turns it off.")
 
 
 def _engine_kwargs() -> dict[str, Any]:
@@ -79,55 +83,12 @@ def _engine_kwargs() -> dict[str, Any]:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def resolve_placement(spec: str, num_devices: int) -> Any:
-    """`auto` -> `Placement.auto(num_devices)`; otherwise `Placement.from_yaml(spec)`."""
-    from distserve_jax.engine.placement import Placement  # Lazily: only disaggregated mode needs it.
-
-    if spec == "auto":
-        return Placement.auto(num_devices)
-    if spec == "plan":
-        from distserve_jax.planner.autoplan import plan_placement
-
-        return plan_placement(FLAGS.model, num_devices, parse_slo(FLAGS.slo[0])[1], FLAGS.plan_rate,
-                              limits={k: v for k, v in _engine_kwargs().items() if k != "dtype"},
-                              workload=FLAGS.plan_workload, profile_path=FLAGS.plan_profile)
-    if not Path(spec).is_file():
-        raise ValueError(f"--placement {spec!r} is neither `auto` nor an existing file")
-    return Placement.from_yaml(spec)
-
-
 def placement_text(placement: Any) -> str:
     if placement is None:
         return ""
     if dataclasses.is_dataclass(placement):
         return json.dumps(dataclasses.asdict(placement), default=str, sort_keys=True)
     return str(placement)
-
-
-def build_core(mode: str, model: str, placement_spec: str, warmup: bool, engine_kwargs: dict[str, Any]
-               ) -> tuple[Any, Any]:
-    """Builds (and warms) the engine core; runs off the event loop. Returns (core, placement)."""
-    import jax
-
-    from distserve_jax.engine.factory import build_core as factory_build_core
-
-    placement = None
-    kwargs = dict(engine_kwargs)
-    kwargs["executor"] = FLAGS.executor
-    if FLAGS.ray_address:
-        kwargs["ray_address"] = FLAGS.ray_address
-    if mode == "disaggregated":
-        placement = resolve_placement(placement_spec, len(jax.devices()))
-    else:
-        kwargs["tp"] = FLAGS.tp
-        kwargs["replicas"] = FLAGS.replicas
-    logging.info("building the %s engine for %s on %d devices", mode, model, len(jax.devices()))
-    core = factory_build_core(model, mode=mode, placement=placement, **kwargs)
-    if warmup and hasattr(core, "warmup"):
-        logging.info("warming up (compiling step buckets)")
-        n = core.warmup()
-        logging.info("warm-up done (%s shapes)", n)
-    return core, placement
 
 
 class Server:
@@ -183,8 +144,18 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop.set)
         await self.start_ports()
+        kwargs = _engine_kwargs()
+        kwargs["executor"] = FLAGS.executor
+        if FLAGS.ray_address:
+            kwargs["ray_address"] = FLAGS.ray_address
+        if FLAGS.mode != "disaggregated":
+            kwargs.update(tp=FLAGS.tp, replicas=FLAGS.replicas)
+        plan = None
+        if FLAGS.placement == "plan":
+            plan = dict(slo=parse_slo(FLAGS.slo[0])[1], rate=FLAGS.plan_rate, workload=FLAGS.plan_workload,
+                        profile_path=FLAGS.plan_profile)
         build = asyncio.ensure_future(asyncio.to_thread(
-            build_core, FLAGS.mode, FLAGS.model, FLAGS.placement, FLAGS.warmup, _engine_kwargs()))
+            build_core, FLAGS.mode, FLAGS.model, FLAGS.placement, FLAGS.warmup, kwargs, plan))
         stopper = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait([build, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not build.done():
@@ -244,11 +215,28 @@ class Server:
             await self.http_runner.cleanup()
 
 
+def enable_compilation_cache(flag: str | None) -> str | None:
+    """Turns on JAX's persistent compilation cache (see --compilation_cache_dir); returns its directory."""
+    if flag is not None and flag.lower() == "none":
+        return None
+    from distserve_jax.models.demo_tokenizer import default_cache_dir
+
+    path = flag or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(default_cache_dir() / "xla")
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for spec in FLAGS.slo:
         parse_slo(spec)
+    cache = enable_compilation_cache(FLAGS.compilation_cache_dir)
+    logging.info("persistent compilation cache: %s", cache or "off")
     code = asyncio.run(Server().run())
     if code:
         raise SystemExit(code)

@@ -37,7 +37,8 @@ class AttentionMetadata:
       context_lens: `[num_seqs]` int32 tokens already in the cache before this step.
       seq_lens: `[num_seqs]` int32 tokens in the cache after this step (0 for padded rows).
       block_tables: `[num_seqs, max_blocks]` int32 page ids.
-      logits_indices: `[num_seqs]` int32 index of each sequence's last token in the batch.
+      logits_indices: `[num_logit_rows]` int32 index of each sequence's last token in the batch (rows
+        past the last sequence are padding: the runner rounds the row count up to a bucket).
       mode: one of `MODES` (static).
     """
 

@@ -9,6 +9,11 @@ Parameter tree (plain pytree, `{"params": ...}` for `apply`): `embed`, `embed_po
 `norm`, `lm_head` (absent when embeddings are tied). With `fused_projections=True` (Llama
 family only) the stage reads the fused layout of `models/fusion.py`: `qkv_proj` / `gate_up_proj`
 and every layer kernel and `lm_head` stored `[out, in]`.
+
+Layers are applied through one jitted function per (config, attention, dtype, layout)
+(`_layer_fn`), called once per layer inside the stage's jit: JAX traces and lowers the layer
+once per step shape instead of once per layer (a 30-layer stage traced and lowered 30 layers at
+every bucket), and XLA inlines the calls, so the compiled step is the same as a loop over layers.
 """
 
 from __future__ import annotations
@@ -86,11 +91,12 @@ class DecoderStage(nn.Module):
 
         new_pages = []
         for i in range(self.layer_start, self.layer_end):
-            if opt:
-                layer = OPTLayer(c, self.attention_fn, self.dtype, name=f"layers_{i}")
+            pages = kv_pages[i - self.layer_start]
+            if self.is_initializing():  # creates the layer's parameters
+                x, p = _layer(c, self.attention_fn, self.dtype, self.fused_projections, f"layers_{i}")(x, meta, pages)
             else:
-                layer = LlamaLayer(c, self.attention_fn, self.dtype, self.fused_projections, name=f"layers_{i}")
-            x, p = layer(x, meta, kv_pages[i - self.layer_start])
+                fn = _layer_fn(c, self.attention_fn, jnp.dtype(self.dtype), self.fused_projections)
+                x, p = fn(self.variables["params"][f"layers_{i}"], x, meta, pages)
             new_pages.append(p)
         if not self.is_last:
             return x, tuple(new_pages)
@@ -110,6 +116,20 @@ class DecoderStage(nn.Module):
             w = self.param("lm_head", nn.initializers.normal(0.02), shape, self.dtype)
             logits = matmul(h.astype(self.dtype), w, transposed=self.fused_projections)
         return logits, tuple(new_pages)
+
+
+def _layer(cfg: ModelConfig, attention_fn: AttentionFn, dtype: Any, fused: bool, name: str | None = None
+           ) -> nn.Module:
+    if cfg.family == "opt":
+        return OPTLayer(cfg, attention_fn, dtype, name=name)
+    return LlamaLayer(cfg, attention_fn, dtype, fused, name=name)
+
+
+@functools.lru_cache(maxsize=64)
+def _layer_fn(cfg: ModelConfig, attention_fn: AttentionFn, dtype: Any, fused: bool):
+    """`(layer_params, x, meta, pages) -> (x, pages)`, jitted: traced once per shape for all layers."""
+    layer = _layer(cfg, attention_fn, dtype, fused)
+    return jax.jit(lambda params, x, meta, pages: layer.apply({"params": params}, x, meta, pages))
 
 
 def stage_bounds(num_layers: int, pp: int) -> list[tuple[int, int]]:

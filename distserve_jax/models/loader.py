@@ -9,6 +9,8 @@ than its own shard.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -36,8 +38,25 @@ def check_dtype(dtype: str) -> str:
 
 def abstract_params(cfg: ModelConfig, layer_start: int = 0, layer_end: int | None = None,
                     dtype: str = "float32") -> Any:
-    """Shapes/dtypes (`ShapeDtypeStruct`s) of the parameters of one stage, without allocating."""
+    """Shapes/dtypes (`ShapeDtypeStruct`s) of the parameters of one stage, without allocating.
+
+    Every layer's parameters have the same shapes, so this traces a stage of one layer (with the
+    embedding and head as this stage has them) and repeats that layer's entry for every layer of
+    the stage: tracing a whole deep model's init took seconds per instance.
+    """
     layer_end = cfg.num_layers if layer_end is None else layer_end
+    if not 0 <= layer_start < layer_end <= cfg.num_layers:
+        raise ValueError(f"layer range [{layer_start}, {layer_end}) is not inside the model's {cfg.num_layers} layers")
+    first, last = layer_start == 0, layer_end == cfg.num_layers
+    one = 0 if first else 1  # the index of the traced layer in a small model with the same ends
+    small = dataclasses.replace(cfg, num_layers=one + 1 + (0 if last else 1))
+    proto = dict(_abstract_stage(small, one, one + 1, dtype))
+    layer = proto.pop(f"layers_{one}")
+    return {**proto, **{f"layers_{i}": layer for i in range(layer_start, layer_end)}}
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_stage(cfg: ModelConfig, layer_start: int, layer_end: int, dtype: str) -> dict:
     model = DecoderStage(cfg, layer_start, layer_end, default_attention_fn(cfg), jnp.dtype(dtype))
     n = 2
     meta = AttentionMetadata(
@@ -50,7 +69,7 @@ def abstract_params(cfg: ModelConfig, layer_start: int = 0, layer_end: int | Non
     inputs = (jnp.zeros((n,), jnp.int32) if layer_start == 0
               else jnp.zeros((n, cfg.hidden_size), jnp.dtype(dtype)))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs, meta, pages))
-    return shapes["params"]
+    return dict(shapes["params"])
 
 
 def _names(path) -> tuple[str, ...]:

@@ -40,6 +40,7 @@ from distserve_jax.sampling_params import SamplingParams
 from pallas_kernels import dispatch
 
 MAX_TOP_LOGPROBS = 20
+_MIN_LOGIT_ROWS = 4
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
 
 
@@ -164,11 +165,18 @@ class ModelRunner:
         # array (a padding row writes page 0). The native CPU kernel writes in place at any size.
         first = 1 if dispatch.writes_kv_in_place(config.attention_backend, config.dtype) else 2
         self.seq_buckets = geometric_buckets(first, max(first, c.max_num_seqs))
-        self.prefill_seq_buckets = geometric_buckets(1, c.max_num_seqs, 4)
+        # Logits rows (and so the sampler's shapes) come in fewer sizes than the steps: one row (a
+        # one-row decode step keeps its matrix-vector LM head), else at least `_MIN_LOGIT_ROWS` (the
+        # LM head reads its whole matrix for two rows or four), so a compiled sampler serves
+        # several step shapes.
+        lo = min(_MIN_LOGIT_ROWS, c.max_num_seqs)
+        rows = geometric_buckets(lo, max(lo, c.max_num_seqs, first))
+        self.logit_row_buckets = (1,) + rows if first == 1 and rows[0] > 1 else rows
+        self.prefill_seq_buckets = geometric_buckets(lo, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
         self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
         # Every step's sampled tokens, padded to the most rows a step has, feed the next step.
-        self.feed_rows = max(self.seq_buckets[-1], self.prefill_seq_buckets[-1])
+        self.feed_rows = self.logit_row_buckets[-1]
         self._feed_sharding = self.stages[0].replicated
         self._no_feed = jax.device_put(np.zeros(self.feed_rows, np.int32), self._feed_sharding)
         self._sample = jax.jit(functools.partial(sample_with_feed, feed_rows=self.feed_rows),
@@ -222,7 +230,7 @@ class ModelRunner:
         ctx = np.zeros(s, np.int32)
         seq_lens = np.zeros(s, np.int32)
         tables = np.zeros((s, width), np.int32)
-        logits_idx = np.zeros(s, np.int32)
+        logits_idx = np.zeros(round_up(s, self.logit_row_buckets), np.int32)
         off = 0
         for i, w in enumerate(works):
             n = len(w.token_ids)
@@ -249,7 +257,7 @@ class ModelRunner:
     # ----------------------------------------------------------------- steps
     def forward(self, tokens: np.ndarray, meta: AttentionMetadata,
                 feed: tuple[jax.Array, np.ndarray] | None = None) -> jax.Array:
-        """Runs all stages; returns float32 logits `[num_seqs_bucket, vocab]` on the last mesh.
+        """Runs all stages; returns float32 logits `[logit_rows_bucket, vocab]` on the last mesh.
 
         `feed` is `(prev_tokens [feed_rows], rows [T])`: token i is replaced by
         `prev_tokens[rows[i]]` where `rows[i] >= 0` (None: no token is replaced).
@@ -357,10 +365,10 @@ class ModelRunner:
                     positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
                     query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
                     seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
-                    logits_indices=np.zeros(s, np.int32), mode=mode)
+                    logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
                 logits = self.forward(tokens, meta)
-                if s not in sampled:  # the sampler's shapes depend on the row count only
-                    sampled.add(s)
+                if logits.shape[0] not in sampled:  # the sampler's shapes depend on the row count only
+                    sampled.add(logits.shape[0])
                     for n_top in (0, MAX_TOP_LOGPROBS):
                         for pen in (False, True):
                             jax.device_get(self._launch_sample(logits, [SeqWork([0], 0, [0], greedy)], n_top=n_top,
