@@ -15,7 +15,7 @@ from tests.engine.engine_checks import assert_engine_empty, worker
 from tests.tolerances import assert_clear_greedy_margins
 
 KW = dict(max_model_len=128, num_blocks=48, max_num_seqs=8, max_num_batched_tokens=96)
-N = 200
+N = 160
 DEPLOYMENTS = {
     "2xP(tp1)+2xD(tp1)": dict(placement=Placement((InstanceSpec(), InstanceSpec()), (InstanceSpec(), InstanceSpec()))),
     "2xcolocated(tp1)": dict(mode="colocated", replicas=2),
