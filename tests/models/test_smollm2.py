@@ -12,6 +12,7 @@ from distserve_jax import LLM, SamplingParams
 from distserve_jax.engine.model_source import resolve_model
 from serving.chat import render_chat
 from tests.hf_checkpoints import hf_greedy_generate
+from tests.tolerances import assert_clear_greedy_margins
 
 NEW_TOKENS = 10
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -45,7 +46,9 @@ def test_smollm2_comes_from_the_package_with_its_tokenizer_and_template(spec):
 
 @pytest.mark.parametrize("placement", [None, "auto"], ids=["single-device", "disaggregated"])
 def test_smollm2_greedy_equals_transformers(spec, reference, placement):
-    ids, (want_ids, want_lps) = reference
+    ids, (want_ids, want_lps, margins) = reference
+    # Another engine sums in another order: no greedy step of the reference may sit on a near tie.
+    assert_clear_greedy_margins([margins], what="transformers reference")
     llm = LLM(spec, placement=placement, max_model_len=128, num_blocks=24, max_num_seqs=2)
     if placement:
         assert llm.engine.placement == "P(tp1)+D(tp1)"  # 9 heads: tp=2 and tp=4 cannot shard it
@@ -55,3 +58,4 @@ def test_smollm2_greedy_equals_transformers(spec, reference, placement):
     got = [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
     assert np.abs(np.array(got) - np.array(want_lps)).max() <= 1e-4
     assert spec.tokenizer.decode(want_ids).startswith("The capital of France is Paris")
+    llm.engine.shutdown()
