@@ -193,12 +193,9 @@ class Controller:
             self._queued[tr.queued_at] -= tr.queued_tokens
             tr.queued_at, tr.queued_tokens = None, 0
 
-    def _end(self, tr: _Tracked, reason: str, error: str | None = None) -> RequestOutput | None:
-        """Takes a request out everywhere; for "error" returns its final output."""
-        r = tr.req
+    def _withdraw(self, tr: _Tracked, reason: str) -> None:
+        """Takes a request's message id out of every queue here and every live worker (`Finish`)."""
         self._tracked.pop(tr.key, None)
-        self.requests.pop(r.request_id, None)
-        self._key_of.pop(r.request_id, None)
         self._unqueue(tr)
         if tr in self.migration_queue:
             self.migration_queue.remove(tr)
@@ -208,15 +205,20 @@ class Controller:
             if self.loads[name].alive:
                 self.executor.send(name, m.Finish(tr.key, reason))
         tr.holders.clear()
+
+    def _end(self, tr: _Tracked, reason: str, error: str | None = None) -> None:
+        """Takes a request out everywhere; for "error" queues its final output."""
+        r = tr.req
+        self._withdraw(tr, reason)
+        self.requests.pop(r.request_id, None)
+        self._key_of.pop(r.request_id, None)
         r.status = _FINISH_STATUS[reason]
-        if reason != "error":
-            return None
-        r.finish_time = self.clock()
-        self.outputs.drop(r.request_id)
-        out = RequestOutput(r.request_id, list(r.prompt_token_ids), list(r.output_token_ids), [], "", "", True,
-                            "error", metrics=request_metrics(r), error=error)
-        self._pending_outputs.append(out)
-        return out
+        if reason == "error":
+            r.finish_time = self.clock()
+            self.outputs.drop(r.request_id)
+            self._pending_outputs.append(RequestOutput(
+                r.request_id, list(r.prompt_token_ids), list(r.output_token_ids), [], "", "", True, "error",
+                metrics=request_metrics(r), error=error))
 
     # ------------------------------------------------------------ events
     def step(self) -> list[RequestOutput]:
@@ -346,14 +348,7 @@ class Controller:
         if tr.num_recomputes >= self.max_recomputes:
             self._end(tr, "error", f"{why}; given up after {tr.num_recomputes} recomputations")
             return
-        for name in tr.holders:
-            if self.loads[name].alive:
-                self.executor.send(name, m.Finish(tr.key, "abort"))
-        tr.holders.clear()
-        if tr in self.migration_queue:
-            self.migration_queue.remove(tr)
-        self._unqueue(tr)
-        del self._tracked[tr.key]
+        self._withdraw(tr, "abort")
         tr.key = f"{tr.req.request_id}@{next(self._keys)}"
         self._tracked[tr.key] = tr
         self._key_of[tr.req.request_id] = tr.key

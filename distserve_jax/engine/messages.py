@@ -27,6 +27,7 @@ Events (worker -> controller):
 from __future__ import annotations
 
 import dataclasses
+import queue
 from typing import Any
 
 
@@ -211,3 +212,18 @@ class WorkerJoined:
     """A replacement of a failed worker (a restarted process) serves again, empty."""
 
     load: WorkerLoad
+
+
+def drain(events: "queue.SimpleQueue", timeout: float | None) -> list[Any]:
+    """Every event in `events`, waiting for the first up to `timeout` seconds (0: not at all; None:
+    for as long as it takes). `None` items (an executor's wake-ups) are dropped."""
+    out = []
+    try:
+        out.append(events.get_nowait() if timeout == 0 else events.get(timeout=timeout))
+    except queue.Empty:
+        return out
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return [e for e in out if e is not None]

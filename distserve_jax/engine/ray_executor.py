@@ -157,16 +157,7 @@ class RayExecutor:
             self._actors[name].send.remote(seq, [cmd])
 
     def poll(self, timeout: float | None) -> list[Any]:
-        out = []
-        try:
-            out.append(self.events.get(timeout=timeout) if timeout else self.events.get_nowait())
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return [e for e in out if e is not None]
+        return m.drain(self.events, timeout or 0)
 
     def wake(self) -> None:
         self.events.put(None)
@@ -199,12 +190,10 @@ class RayExecutor:
             try:
                 for ref in self._actors[name].events.options(num_returns="streaming").remote():
                     for e in ray.get(ref):
+                        self.events.put(e)
                         if isinstance(e, m.WorkerFailed) and not e.process_died:
                             # Its loop ended: replace the process (the restart path reports it back).
-                            self.events.put(e)
                             ray.kill(self._actors[name], no_restart=False)
-                            continue
-                        self.events.put(e)
             except Exception as e:  # noqa: BLE001 - the actor died (or Ray is shutting down)
                 if self._closing:
                     return

@@ -112,13 +112,7 @@ class WorkerProcess:
     def events(self):
         """Streams event batches (a list each) for as long as the process lives."""
         while True:
-            batch = [self._events.get()]
-            while True:
-                try:
-                    batch.append(self._events.get_nowait())
-                except queue.Empty:
-                    break
-            yield batch
+            yield self._m.drain(self._events, None)
 
     def num_offers_held(self) -> int:
         return self.kv.num_held
@@ -129,8 +123,6 @@ class WorkerProcess:
 
     # ------------------------------------------------------------ worker side
     def _run(self) -> None:
-        from distserve_jax.engine.worker import KVSourceError  # noqa: F401 - imported with the worker
-
         try:
             while self.worker.turn(self.inbox):
                 pass
@@ -160,7 +152,6 @@ class WorkerProcess:
 
     def _pull(self, cmd: Any, dst_blocks: list[int]):
         from distserve_jax.engine.worker import KVSourceError
-        from distserve_jax.runtime.kv_offer import KVPullError
 
         offer = cmd.offer
         if offer is None:
@@ -173,12 +164,7 @@ class WorkerProcess:
 
     def _warmup(self) -> int:
         with self.lock:
-            modes = {"prefill": ("prefill",), "decode": ("decode",)}.get(self.role)
-            if modes is None:
-                from distserve_jax.scheduler.policies import PrefillFirstScheduler
-                first = isinstance(self.worker.scheduler, PrefillFirstScheduler)
-                modes = ("prefill", "decode") if first else ("prefill", "decode", "mixed")
-            return self.runner.warmup(modes)
+            return self.runner.warmup(self.worker.warmup_modes)
 
 
 class _RayTransfer:

@@ -33,7 +33,7 @@ from distserve_jax.runtime.model_runner import ModelRunner
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.factory import make_scheduler  # noqa: F401 - also re-exported from here
-from distserve_jax.scheduler.policies import PrefillFirstScheduler, SchedulerConfig
+from distserve_jax.scheduler.policies import SchedulerConfig
 
 
 
@@ -105,16 +105,7 @@ class ThreadsExecutor:
         if not self.threaded:
             self._drive()
             timeout = 0
-        out = []
-        try:
-            out.append(self.events.get(timeout=timeout) if timeout else self.events.get_nowait())
-        except queue.Empty:
-            return out
-        while True:
-            try:
-                out.append(self.events.get_nowait())
-            except queue.Empty:
-                return [e for e in out if e is not None]
+        return m.drain(self.events, timeout or 0)
 
     def wake(self) -> None:
         """Ends a `poll` that is waiting (a new command for the controller)."""
@@ -135,8 +126,7 @@ class ThreadsExecutor:
 
     # ------------------------------------------------------------ worker threads
     def _iterate(self, slot: _Slot, block: bool) -> bool:
-        ok = slot.worker.turn(slot.inbox, block=block, step_after_sync=self.threaded)
-        return ok
+        return slot.worker.turn(slot.inbox, block=block, step_after_sync=self.threaded)
 
     def _run(self, slot: _Slot) -> None:
         try:
@@ -182,12 +172,8 @@ class ThreadsExecutor:
 
     def _warmup(self, name: str, role: str) -> int:
         slot = self.slots[name]
-        modes = {"prefill": ("prefill",), "decode": ("decode",)}.get(role)
-        if modes is None:
-            modes = ("prefill", "decode") if slot.worker.scheduler.__class__ is PrefillFirstScheduler else \
-                ("prefill", "decode", "mixed")
         with slot.lock:
-            n = slot.worker.runner.warmup(modes)
+            n = slot.worker.runner.warmup(slot.worker.warmup_modes)
         if role == "decode":
             for src, s in self.slots.items():
                 if s.worker.role == "prefill":

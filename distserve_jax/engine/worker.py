@@ -34,7 +34,7 @@ from distserve_jax.engine import messages as m
 from distserve_jax.engine.step_launcher import InFlightStep, fetch_step, launch_step, next_to_fetch, seq_work
 from distserve_jax.scheduler.block_manager import BlockManager
 from distserve_jax.scheduler.disagg import DecodeScheduler, PrefillScheduler
-from distserve_jax.scheduler.policies import Scheduler
+from distserve_jax.scheduler.policies import ChunkedPrefillScheduler, Scheduler
 from distserve_jax.scheduler.request import Request, RequestStatus
 
 Emit = Callable[[Any], None]
@@ -151,28 +151,26 @@ class InstanceWorker:
         else:
             raise TypeError(f"{self.name}: unknown command {cmd!r}")
 
-    def _request(self, st: m.RequestState) -> Request:
-        if st.request_id in self.requests:
-            raise RuntimeError(f"{self.name}: request {st.request_id!r} is already here")
-        r = Request(request_id=st.request_id, prompt_token_ids=list(st.prompt_token_ids), sampling=st.sampling,
-                    seed=st.seed, arrival_time=st.arrival_time, max_tokens=st.max_tokens,
-                    output_token_ids=list(st.output_token_ids), num_computed_tokens=st.num_computed_tokens,
-                    num_preemptions=st.num_preemptions)
-        self.requests[r.request_id] = r
-        return r
+    @staticmethod
+    def _new_request(st: m.RequestState) -> Request:
+        """This worker's own copy of a request."""
+        return Request(request_id=st.request_id, prompt_token_ids=list(st.prompt_token_ids), sampling=st.sampling,
+                       seed=st.seed, arrival_time=st.arrival_time, max_tokens=st.max_tokens,
+                       output_token_ids=list(st.output_token_ids), num_computed_tokens=st.num_computed_tokens,
+                       num_preemptions=st.num_preemptions)
 
     def _admit(self, st: m.RequestState) -> None:
         if self.role == "decode":
             raise RuntimeError(f"{self.name}: a decode worker does not prefill ({st.request_id!r})")
-        self.scheduler.add(self._request(st))
+        if st.request_id in self.requests:
+            raise RuntimeError(f"{self.name}: request {st.request_id!r} is already here")
+        r = self.requests[st.request_id] = self._new_request(st)
+        self.scheduler.add(r)
 
     def _pull(self, cmd: m.Pull) -> None:
         if self.role != "decode" or self.kv_pull is None:
             raise RuntimeError(f"{self.name}: only a decode worker pulls KV ({cmd.request.request_id!r})")
-        r = Request(request_id=cmd.request.request_id, prompt_token_ids=list(cmd.request.prompt_token_ids),
-                    sampling=cmd.request.sampling, seed=cmd.request.seed, arrival_time=cmd.request.arrival_time,
-                    max_tokens=cmd.request.max_tokens, output_token_ids=list(cmd.request.output_token_ids),
-                    num_computed_tokens=cmd.request.num_computed_tokens, num_preemptions=cmd.request.num_preemptions)
+        r = self._new_request(cmd.request)
         if r.request_id in self.requests or not self.scheduler.can_accept(r):
             self.emit(m.PullRefused(self.name, r.request_id))
             return
@@ -199,6 +197,15 @@ class InstanceWorker:
         r.status = status
 
     # ------------------------------------------------------------ queries
+    @property
+    def warmup_modes(self) -> tuple[str, ...]:
+        """The step kinds this worker runs (what its warm-up compiles)."""
+        if self.role in ("prefill", "decode"):
+            return (self.role,)
+        if isinstance(self.scheduler, ChunkedPrefillScheduler):
+            return ("prefill", "decode", "mixed")
+        return ("prefill", "decode")
+
     def has_work(self) -> bool:
         return bool(self.inflight is not None or self.pulls or self.preempted or self.scheduler.waiting
                     or self.scheduler.running)

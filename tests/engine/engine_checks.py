@@ -28,6 +28,6 @@ def assert_engine_empty(core: Controller) -> None:
             continue  # a failed worker serves nothing more
         assert not w.requests, (name, sorted(w.requests))
         assert not w.scheduler.has_unfinished(), name
-        assert not w.pulls and not w.preempted and w.inflight is None or w.inflight.ended, name
+        assert not w.pulls and not w.preempted and (w.inflight is None or w.inflight.ended), name
         assert w.blocks.num_free == w.blocks.num_total, name
         assert_all_free(w.blocks)

@@ -126,6 +126,15 @@ def post(server: ServerProcess, path: str, body: bytes, headers: dict | None = N
         conn.close()
 
 
+@pytest.fixture
+def oai(server):
+    """The official `openai` client on the session server's HTTP front."""
+    import openai
+
+    with openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
 def wait_all_free(address: str, timeout: float = 15.0):
     """Polls GetServerInfo until no request is in flight and every KV block is free; returns the info."""
     from serving.client import Client

@@ -21,12 +21,6 @@ def no_resources_held_after_test(server):
     wait_all_free(server.address)
 
 
-@pytest.fixture
-def oai(server):
-    with openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
-
-
 def test_models_and_health(server, oai):
     models = oai.models.list().data
     assert [m.id for m in models] == [MODEL]

@@ -22,12 +22,6 @@ def all_blocks_free_after_test(server):
     wait_all_free(server.address)
 
 
-@pytest.fixture
-def oai(server):
-    with openai.OpenAI(base_url=server.http + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
-
-
 def test_n_choices_are_seeded_independent_requests(server, oai):
     kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, seed=1234,
               extra_body={"ignore_eos": True})
