@@ -15,9 +15,12 @@ compiles every bucket (`core.warmup()`), then replays (`benchmarks.replay`):
 SLO targets: `--ttft_slo` / `--tpot_slo` seconds, or when 0, `--ttft_scale` / `--tpot_scale`
 times the largest unloaded p50 over the modes (so every mode meets them unloaded); printed.
 Attainment (share of requests meeting both targets; cut-off requests miss) per rate per mode
-comes from `distserve_jax.metrics`. Goodput per mode: `metrics.find_goodput` between the lowest
-and highest rate, on the attainment curve interpolated linearly between swept rates, or, with
-`--bisect_iters > 0`, on real re-runs at the bisection midpoints. Ratios disaggregated/colocated
+comes from `distserve_jax.metrics`. Goodput per mode: `metrics.goodput_from_curve`, the highest
+rate where the swept attainment curve (linear between rates) meets the target (a noisy dip below
+it is reported, not decisive), or, with `--bisect_iters > 0`, `metrics.find_goodput` on real
+re-runs at the bisection midpoints. The SLO grid (`--slo_scales`, the paper's second figure)
+re-scores the same recorded latencies with every target scaled: attainment at `--scale_rate` and
+goodput per scale, with the ratios, and `goodput_slo_scale.png`. Ratios disaggregated/colocated
 and disaggregated/chunked are printed. Outputs under `--out_dir`: `goodput.json` (summaries,
 records' latencies, SLOs, goodputs) and `goodput_attainment.png` (attainment vs rate per mode).
 
@@ -78,6 +81,9 @@ flags.DEFINE_float("tpot_slo", 0.0, "TPOT target in seconds (0: --tpot_scale x u
 flags.DEFINE_float("ttft_scale", 6.0, "TTFT target as a multiple of the unloaded p50 TTFT.")
 flags.DEFINE_float("tpot_scale", 2.0, "TPOT target as a multiple of the unloaded p50 TPOT.")
 flags.DEFINE_float("target", metrics.DEFAULT_ATTAINMENT_TARGET, "Attainment target for goodput.")
+flags.DEFINE_list("slo_scales", ["0.5", "0.75", "1", "1.5", "2", "3"], "The SLO grid: multiples of the SLO "
+                  "targets (both TTFT and TPOT), each scored on the same recorded latencies (no re-runs).")
+flags.DEFINE_float("scale_rate", 0.0, "Rate at which attainment vs SLO scale is reported (0: the median swept rate).")
 flags.DEFINE_integer("bisect_iters", 0, "Re-runs per mode bisecting the goodput (0: interpolate the sweep).")
 flags.DEFINE_float("drain_s", 30.0, "A replay is cut this many seconds after its last arrival (unfinished "
                    "requests miss the SLO).")
@@ -167,12 +173,6 @@ def run_rate(core: Any, trace: list[WorkloadRequest], rate: float, tag: str) -> 
     return res
 
 
-def interpolated(points: dict[float, float]):
-    rates = sorted(points)
-    values = [points[r] for r in rates]
-    return lambda rate: float(np.interp(rate, rates, values))
-
-
 def goodput_ratio(num: metrics.GoodputResult, den: metrics.GoodputResult, lowest: float) -> dict[str, Any]:
     """num / den goodput; a bound when a goodput lies outside the swept range.
 
@@ -195,6 +195,81 @@ def goodput_ratio(num: metrics.GoodputResult, den: metrics.GoodputResult, lowest
     prefix = {"lower": ">= ", "upper": "<= ", "exact": "", None: "~"}[bound]
     why = " (the baseline's goodput is below the lowest swept rate)" if hi_den else ""
     return {"value": value, "bound": bound, "text": f"{prefix}{value:.2f}x{why}"}
+
+
+def parse_scales(items: list[str]) -> list[float]:
+    try:
+        scales = sorted(float(x) for x in items)
+    except ValueError as e:
+        raise ValueError(f"--slo_scales must be numbers, got {items}") from e
+    if not scales or any(not 0 < x < float("inf") for x in scales) or len(set(scales)) != len(scales):
+        raise ValueError(f"--slo_scales must be distinct positive numbers, got {items}")
+    return scales
+
+
+def cores_of(core: Any) -> int:
+    """The denominator of goodput per core: the cores the instances were pinned to (Ray), else devices."""
+    insts = core.info()["instances"]
+    pinned = [len(i.get("cores") or ()) for i in insts]
+    return sum(pinned) if all(pinned) else sum(int(i.get("tp", 1)) * int(i.get("pp", 1)) for i in insts)
+
+
+def slo_grid(runs: dict[str, dict[float, ReplayResult]], slo: metrics.SLO, scales: list[float],
+             scale_rate: float) -> dict[str, Any]:
+    """The paper's second view: goodput and attainment as the SLO tightens or loosens.
+
+    For each scale s the targets are s x (TTFT, TPOT); every mode's attainment curve over the swept
+    rates is re-scored on the recorded latencies, its goodput read off the curve
+    (`metrics.goodput_from_curve`), and the attainment at `scale_rate` kept for the
+    attainment-vs-scale plot.
+    """
+    out: dict[str, Any] = {"scales": scales, "rate": scale_rate, "goodput": {}, "attainment_at_rate": {},
+                           "ratios": {}}
+    for mode, by_rate in runs.items():
+        out["goodput"][mode], out["attainment_at_rate"][mode] = {}, {}
+        for s in scales:
+            scaled = slo.scaled(s)
+            curve = {r: metrics.attainment(res.records, scaled) for r, res in by_rate.items()}
+            out["goodput"][mode][s] = metrics.goodput_from_curve(curve, target=FLAGS.target)
+            out["attainment_at_rate"][mode][s] = curve[scale_rate]
+    lowest = min(min(v) for v in runs.values())
+    if "disaggregated" in runs:
+        for base in ("colocated", "chunked"):
+            if base in runs:
+                out["ratios"][f"disaggregated/{base}"] = {
+                    s: goodput_ratio(out["goodput"]["disaggregated"][s], out["goodput"][base][s], lowest)
+                    for s in scales}
+    return out
+
+
+def plot_scales(path: Path, grid: dict[str, Any], slo: metrics.SLO) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib is not installed: no plot")
+        return False
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in grid["attainment_at_rate"]:
+        xs = grid["scales"]
+        ax0.plot(xs, [100 * grid["attainment_at_rate"][mode][x] for x in xs], marker="o", label=mode)
+        ax1.plot(xs, [grid["goodput"][mode][x].rate for x in xs], marker="o", label=mode)
+    ax0.axhline(100 * FLAGS.target, color="gray", linestyle="--", linewidth=1, label=f"{FLAGS.target:.0%} target")
+    ax0.set_xlabel("SLO scale (x TTFT and TPOT targets)")
+    ax0.set_ylabel(f"SLO attainment at {grid['rate']:g} req/s (%)")
+    ax0.set_ylim(-2, 102)
+    ax1.set_xlabel("SLO scale (x TTFT and TPOT targets)")
+    ax1.set_ylabel("goodput (req/s, from the swept curve)")
+    for ax in (ax0, ax1):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{FLAGS.model}, scale 1 = TTFT<={slo.ttft_s * 1e3:.0f} ms, TPOT<={slo.tpot_s * 1e3:.1f} ms",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def plot(path: Path, rates: list[float], table: dict[str, dict[float, float]], slo: metrics.SLO,
@@ -227,6 +302,10 @@ def plot(path: Path, rates: list[float], table: dict[str, dict[float, float]], s
 def main(argv: list[str]) -> None:
     del argv
     rates = parse_rates(FLAGS.rates)
+    scales = parse_scales(FLAGS.slo_scales)
+    scale_rate = FLAGS.scale_rate or rates[len(rates) // 2]
+    if scale_rate not in rates:
+        raise ValueError(f"--scale_rate={FLAGS.scale_rate:g} is not one of the swept --rates {rates}")
     modes = list(dict.fromkeys(FLAGS.modes))
     for m in modes:
         if m not in MODES:
@@ -283,13 +362,8 @@ def main(argv: list[str]) -> None:
                 return known[rate]
             goodputs[mode] = metrics.find_goodput(attain, low=rates[0], high=rates[-1], target=FLAGS.target,
                                                   rel_tol=0.05, max_iters=FLAGS.bisect_iters)
-        elif len(rates) > 1:
-            goodputs[mode] = metrics.find_goodput(interpolated(table[mode]), low=rates[0], high=rates[-1],
-                                                  target=FLAGS.target, rel_tol=0.01)
         else:
-            ok = table[mode][rates[0]] >= FLAGS.target
-            goodputs[mode] = metrics.GoodputResult(rates[0] if ok else 0.0, ((rates[0], table[mode][rates[0]]),),
-                                                   FLAGS.target, "above_high" if ok else "below_low")
+            goodputs[mode] = metrics.goodput_from_curve(table[mode], target=FLAGS.target)
 
     all_rates = sorted({r for m in modes for r in table[m]})
     head = f"{'rate':>6} | " + " | ".join(f"{m:>24}" for m in modes)
@@ -312,6 +386,14 @@ def main(argv: list[str]) -> None:
     print(f"(* = run cut off {FLAGS.drain_s:g}s after the last arrival; unfinished requests count as misses)")
     print("\ngoodput (req/s):", ", ".join(
         f"{m} {g.rate:.2f}{'' if g.status == 'ok' else f' ({g.status})'}" for m, g in goodputs.items()))
+    for m, g in goodputs.items():
+        if metrics.dips_below(g):
+            print(f"  {m}: attainment is not monotone in rate: misses the target at {list(metrics.dips_below(g))} "
+                  f"req/s below its goodput (noise or a real dip: read the table)")
+    denominators = {m: cores_of(c) for m, c in cores.items()}
+    print("goodput per " + ("core" if FLAGS.executor == "ray" else "device") + " (req/s / "
+          + ("the cores the instances are pinned to" if FLAGS.executor == "ray" else "devices") + "): "
+          + ", ".join(f"{m} {g.rate / denominators[m]:.2f} (/{denominators[m]})" for m, g in goodputs.items()))
     ratios = {}
     if "disaggregated" in goodputs:
         for base in ("colocated", "chunked"):
@@ -319,6 +401,20 @@ def main(argv: list[str]) -> None:
                 ratios[f"disaggregated/{base}"] = goodput_ratio(goodputs["disaggregated"], goodputs[base], rates[0])
     for name, v in ratios.items():
         print(f"  {name}: {v['text']}")
+    grid = slo_grid(runs, slo, scales, scale_rate) if FLAGS.bisect_iters == 0 else None
+    if grid is not None:
+        print(f"\nSLO scale grid (targets x scale; scale 1 = the SLO above; attainment at {scale_rate:g} req/s | "
+              f"goodput req/s):")
+        head = f"{'scale':>6} | " + " | ".join(f"{m:>20}" for m in modes) + "".join(
+            f" | {name:>24}" for name in grid["ratios"])
+        print(head)
+        print("-" * len(head))
+        for sc in scales:
+            cells = [f"{grid['attainment_at_rate'][m][sc]:>6.0%} | {grid['goodput'][m][sc].rate:6.2f}"
+                     f"{'+' if grid['goodput'][m][sc].status == 'above_high' else ' '}".rjust(20) for m in modes]
+            ratio_cells = [f"{grid['ratios'][name][sc]['text']:>24}" for name in grid["ratios"]]
+            print(f"{sc:>6g} | " + " | ".join(cells) + "".join(f" | {c}" for c in ratio_cells))
+        print("(+ = the highest swept rate still meets the target: goodput is at least that)")
     mig = getattr(cores.get("disaggregated"), "migration_seconds", None)
     if mig:
         print(f"disaggregated KV pulls: {len(mig)}, {cores['disaggregated'].migrated_bytes / 2**20:.1f} MiB, "
@@ -334,12 +430,20 @@ def main(argv: list[str]) -> None:
         "calibration": calib, "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s}, "target": FLAGS.target,
         "attainment": {m: {str(r): a for r, a in sorted(t.items())} for m, t in table.items()},
         "summaries": {m: {str(r): s for r, s in sorted(v.items())} for m, v in summaries.items()},
-        "goodput": {m: g.to_dict() for m, g in goodputs.items()}, "ratios": ratios, "note": NOTE,
+        "goodput": {m: g.to_dict() for m, g in goodputs.items()}, "ratios": ratios, "note": note(),
+        "goodput_denominators": denominators,
+        "slo_grid": None if grid is None else {
+            "scales": scales, "rate": scale_rate,
+            "attainment_at_rate": {m: {str(k): v for k, v in a.items()} for m, a in grid["attainment_at_rate"].items()},
+            "goodput": {m: {str(k): g.to_dict() for k, g in a.items()} for m, a in grid["goodput"].items()},
+            "ratios": {n: {str(k): v for k, v in a.items()} for n, a in grid["ratios"].items()}},
     }
     (out_dir / "goodput.json").write_text(json.dumps(result, indent=1))
     png = out_dir / "goodput_attainment.png"
     wrote = plot(png, all_rates, table, slo, FLAGS.target)
-    print(f"wrote {out_dir / 'goodput.json'}" + (f" and {png}" if wrote else ""))
+    png2 = out_dir / "goodput_slo_scale.png"
+    wrote2 = grid is not None and plot_scales(png2, grid, slo)
+    print(f"wrote {out_dir / 'goodput.json'}" + (f", {png}" if wrote else "") + (f", {png2}" if wrote2 else ""))
 
 
 if __name__ == "__main__":

@@ -330,6 +330,43 @@ def find_goodput(attainment_at: Callable[[float], float], *, low: float, high: f
     return GoodputResult(lo, tuple(points), target, "ok")
 
 
+def goodput_from_curve(points: Mapping[float, float], *,
+                       target: float = DEFAULT_ATTAINMENT_TARGET) -> GoodputResult:
+    """Goodput from a swept attainment curve {rate: attainment}, without assuming monotonicity.
+
+    The goodput is the highest rate where the curve, linear between swept rates, still meets
+    `target`: the last swept rate that passes, moved towards the next (failing) swept rate to
+    where the line between them crosses the target. Failing rates below that point (a noisy dip
+    in a measured curve) do not decide the result; `find_goodput`'s bisection would stop at the
+    first of them. Status: "ok", "below_low" (no swept rate passes: rate 0.0) or "above_high"
+    (the highest swept rate passes: the goodput is at least that rate). The points are returned
+    in rate order.
+    """
+    _check_target(target)
+    if not points:
+        raise ValueError("goodput_from_curve needs at least one (rate, attainment) point")
+    curve = sorted((float(r), float(a)) for r, a in points.items())
+    for r, a in curve:
+        if not r > 0 or math.isinf(r):
+            raise ValueError(f"rates must be positive and finite, got {r!r}")
+        if not 0.0 <= a <= 1.0:
+            raise ValueError(f"attainment at rate {r:g} is {a!r}, outside [0, 1]")
+    passing = [i for i, (_, a) in enumerate(curve) if a >= target]
+    if not passing:
+        return GoodputResult(0.0, tuple(curve), target, "below_low")
+    i = passing[-1]
+    if i == len(curve) - 1:
+        return GoodputResult(curve[i][0], tuple(curve), target, "above_high")
+    (r0, a0), (r1, a1) = curve[i], curve[i + 1]
+    rate = r0 + (r1 - r0) * (a0 - target) / (a0 - a1)  # a0 >= target > a1
+    return GoodputResult(rate, tuple(curve), target, "ok")
+
+
+def dips_below(result: GoodputResult) -> tuple[float, ...]:
+    """Swept rates below `result.rate` that miss the target (a non-monotone curve's dips)."""
+    return tuple(r for r, a in result.points if r < result.rate and a < result.target)
+
+
 # ------------------------------------------------------------------------------ summaries
 def percentile_summary(values: Iterable[float],
                        percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict:

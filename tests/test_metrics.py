@@ -229,3 +229,33 @@ def test_summarize_hand_computed_run():
     single = metrics.summarize(records[:2], slos=SLO(1.0, 1.0), duration_s=4.0)
     assert single["slo"]["slo"]["slo_scale"] == pytest.approx(1.0)
     assert single["output_throughput"] == pytest.approx(1.0)
+
+
+def test_goodput_from_curve_interpolates_the_last_crossing():
+    # 0.95 at 4 and 0.85 at 6: the line crosses 0.9 halfway, at 5.
+    res = metrics.goodput_from_curve({1.0: 1.0, 4.0: 0.95, 6.0: 0.85, 8.0: 0.2}, target=0.9)
+    assert res.status == "ok" and res.rate == pytest.approx(5.0, rel=1e-12)
+    assert [r for r, _ in res.points] == [1.0, 4.0, 6.0, 8.0]
+    assert metrics.dips_below(res) == ()
+
+
+def test_goodput_from_curve_is_not_decided_by_a_dip():
+    # A noisy miss at rate 2 below passing rates 4 and 6: bisection would stop below 2; the curve
+    # rule reports the crossing after 6 and names the dip.
+    curve = {1.0: 0.97, 2.0: 0.88, 4.0: 0.93, 6.0: 0.91, 8.0: 0.5}
+    res = metrics.goodput_from_curve(curve, target=0.9)
+    assert res.status == "ok"
+    assert 6.0 < res.rate < 8.0 and res.rate == pytest.approx(6.0 + 2.0 * 0.01 / 0.41, rel=1e-12)
+    assert metrics.dips_below(res) == (2.0,)
+
+
+def test_goodput_from_curve_edges_and_bad_input():
+    assert metrics.goodput_from_curve({1.0: 0.5, 2.0: 0.1}).status == "below_low"
+    top = metrics.goodput_from_curve({1.0: 1.0, 2.0: 0.95})
+    assert top.status == "above_high" and top.rate == 2.0
+    with pytest.raises(ValueError, match="at least one"):
+        metrics.goodput_from_curve({})
+    with pytest.raises(ValueError, match="outside"):
+        metrics.goodput_from_curve({1.0: 1.5})
+    with pytest.raises(ValueError, match="positive"):
+        metrics.goodput_from_curve({0.0: 1.0})
