@@ -400,7 +400,9 @@ class Controller:
 
     def warmup(self) -> int:
         """Compiles every step bucket of every worker and every pull size of every worker pair."""
-        return sum(s.warmed_shapes for s in self.quiesce(warmup=True).values())
+        shapes = sum(s.warmed_shapes for s in self.quiesce(warmup=True).values())
+        warm_pulls = getattr(self.executor, "warm_pulls", None)  # pulls that cross processes
+        return shapes + (warm_pulls() if warm_pulls is not None else 0)
 
     @property
     def num_discarded_rows(self) -> int:

@@ -134,7 +134,7 @@ class RayExecutor:
                 opts.update(num_cpus=0 if local else 1)
             self._actors[name] = remote_cls.options(**opts).remote(name, role, model, tp, pp, cfg, cs, ip)
             self._seq[name] = 0
-            self._meta[name] = {"cores": cs, "restarts": 0}
+            self._meta[name] = {"cores": cs, "restarts": 0, "role": role}
         try:
             readies = ray.get([a.ready.remote() for a in self._actors.values()], timeout=ready_timeout_s)
         except Exception:
@@ -167,6 +167,27 @@ class RayExecutor:
         return {n: {"pid": meta.get("pid"), "node": meta.get("node"), "cores": meta.get("affinity"),
                     "kv_address": meta.get("kv_address"), "restarts": meta["restarts"]}
                 for n, meta in self._meta.items()}
+
+    def warm_pulls(self) -> int:
+        """Runs every pull a request can need once before serving: each prefill worker offers a
+        null-page KV per pull-size bucket and each decode worker pulls all of them, so the transfer
+        connections exist and the gathers, assemblies and scatters are compiled (a first request of
+        each size otherwise pays ~0.5 s). Returns the number of pulls run."""
+        ray = self._ray
+        roles = {n: meta.get("role") for n, meta in self._meta.items()}
+        prefill = [n for n, r in roles.items() if r == "prefill"]
+        decode = [n for n, r in roles.items() if r == "decode"]
+        if not prefill or not decode:
+            return 0
+        offers = dict(zip(prefill, ray.get([self._actors[n].warm_offers.remote() for n in prefill],
+                                           timeout=self.ready_timeout_s)))
+        try:
+            counts = ray.get([self._actors[d].warm_pull.remote(o) for d in decode for o in offers.values()],
+                             timeout=self.ready_timeout_s)
+        finally:
+            ray.get([self._actors[n].release_offers.remote(o) for n, o in offers.items()],
+                    timeout=self.ready_timeout_s)
+        return sum(counts)
 
     def actor(self, name: str) -> Any:
         return self._actors[name]

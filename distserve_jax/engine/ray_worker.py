@@ -166,6 +166,33 @@ class WorkerProcess:
         with self.lock:
             return self.runner.warmup(self.worker.warmup_modes)
 
+    # ------------------------------------------------------------ pull warm-up (controller calls)
+    def warm_offers(self) -> list:
+        """Prefill side of the pull warm-up: offers one null-page KV of every pull-size bucket (which
+        compiles the gathers). Call before serving; `release_offers` drops them."""
+        offers = []
+        with self.lock:
+            packed = [self.packer.pack([0] * n) for n in self.packer.buckets]
+        for leaves, layout in packed:
+            offers.append(self.kv.offer(leaves, layout, layout.num_blocks))
+        return offers
+
+    def warm_pull(self, offers: list) -> int:
+        """Decode side: pulls each warm-up offer (connecting to its server) and scatters it into the
+        null page, which compiles the assembly and the scatter for that size and sender layout."""
+        import jax
+
+        for offer in offers:
+            pending = self.unpacker.pull(self.kv.connect(offer.address), offer)
+            pending.wait(self.pull_timeout_s)
+            with self.lock:
+                jax.block_until_ready(self.unpacker.scatter(pending.leaves, offer.layout, []))
+        return len(offers)
+
+    def release_offers(self, offers: list) -> None:
+        for offer in offers:
+            self.kv.release(offer.uuid)
+
 
 class _RayTransfer:
     """A pull in flight: `wait()` (on the worker thread) lands it into the pages, or raises

@@ -88,6 +88,14 @@ def test_ray_outputs_equal_threads(placement, workload, local_ray):
         pids = {i["pid"] for i in info["instances"]}
         assert len(pids) == 2 and os.getpid() not in pids  # one process per instance
         assert sorted(c for i in info["instances"] for c in i["cores"]) == [0, 1]  # disjoint pinned cores
+        # The pull warm-up runs one null-page pull per size bucket; it must hold nothing afterwards and
+        # leave the pages as they were (the outputs below are still token-identical).
+        import ray
+        prefill = next(n for n, r in core.roles.items() if r == "prefill")
+        buckets = ray.get(core.executor.actor(prefill).warm_offers.remote())
+        ray.get(core.executor.actor(prefill).release_offers.remote(buckets))
+        assert core.executor.warm_pulls() == len(buckets) >= 2
+        _assert_clean(core)
         got = _run(core, prompts, params)
         for i, (g, e) in enumerate(zip(got, expected)):
             assert (g.token_ids, g.finish_reason) == (e.token_ids, e.finish_reason), f"request {i}"
