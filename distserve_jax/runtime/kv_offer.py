@@ -3,7 +3,9 @@
 The prefill process packs a request's KV into one array per pipeline stage, `[2, layers, kv_heads,
 n, block_size, head_dim]` (K and V stacked, `n` the block count rounded up to a bucket), gathered
 from its pages in its own layout, and offers each array's per-device shards (single-device
-arrays) to its transfer server under a fresh id. The decode process pulls those shards as
+arrays), cut along the block axis into pieces of about `PIECE_BYTES`, to its transfer server under
+a fresh id. Several pieces over two transport sockets pull about 1.5-2x faster than one big leaf
+over one socket on loopback (`benchmarks/kv_transfer_processes.py`). The decode process pulls those shards as
 single-device arrays onto its first device, reassembles the heads and layers, converts kv heads
 between the two tp layouts, and scatters the blocks into its own pages (donated: in place).
 
@@ -43,6 +45,16 @@ from distserve_jax.runtime.sharding import TP, replicated
 from pallas_kernels import dispatch
 
 _TICK_UUID = 2**64 - 2
+PIECE_BYTES = 16 << 20  # target size of one offered leaf
+CHANNELS = 2  # bulk transport sockets per transfer server
+
+
+def block_pieces(num_blocks: int, piece_blocks: int) -> list[tuple[int, int]]:
+    """The `[start, stop)` block ranges a leaf of `num_blocks` blocks is cut into (one if `piece_blocks`
+    is 0 or covers them all)."""
+    if piece_blocks <= 0 or piece_blocks >= num_blocks:
+        return [(0, num_blocks)]
+    return [(a, min(a + piece_blocks, num_blocks)) for a in range(0, num_blocks, piece_blocks)]
 
 
 class KVPullError(RuntimeError):
@@ -53,8 +65,9 @@ class KVPullError(RuntimeError):
 class KVLayout:
     """What a receiver needs to name and reassemble an offer's leaves (picklable, no arrays).
 
-    Leaves come stage by stage, and within a stage shard by shard in mesh order; a stage's leaf is
-    `[2, layers, kv_heads // tp, num_blocks, block_size, head_dim]`.
+    Leaves come stage by stage, within a stage shard by shard in mesh order, and within a shard piece
+    by piece (`block_pieces(num_blocks, piece_blocks)`); a piece is
+    `[2, layers, kv_heads // tp, stop - start, block_size, head_dim]`.
     """
 
     num_blocks: int
@@ -64,11 +77,16 @@ class KVLayout:
     kv_heads: int  # kv heads the sender's cache holds (replicated when its tp exceeds the model's)
     kv_replication: int
     stages: tuple[tuple[int, int], ...]  # (layers, tp) per sender stage
+    piece_blocks: int = 0  # blocks per offered piece (0: one piece per shard)
+
+    @property
+    def pieces(self) -> list[tuple[int, int]]:
+        return block_pieces(self.num_blocks, self.piece_blocks)
 
     @property
     def leaf_shapes(self) -> list[tuple[int, ...]]:
-        return [(2, layers, self.kv_heads // tp, self.num_blocks, self.block_size, self.head_dim)
-                for layers, tp in self.stages for _ in range(tp)]
+        return [(2, layers, self.kv_heads // tp, b - a, self.block_size, self.head_dim)
+                for layers, tp in self.stages for _ in range(tp) for a, b in self.pieces]
 
     @property
     def num_bytes(self) -> int:
@@ -86,11 +104,13 @@ class KVOffer:
 class KVOfferServer:
     """This process's transfer server: offers, connections and the tick thread."""
 
-    def __init__(self, ip: str = "127.0.0.1", *, transfer_size: int = 4 << 20):
+    def __init__(self, ip: str = "127.0.0.1", *, transfer_size: int = 4 << 20, channels: int = CHANNELS):
         from jax.experimental import transfer
 
+        if channels < 1:
+            raise ValueError(f"a transfer server needs at least one transport socket, got channels={channels}")
         client = jax.devices()[0].client
-        self._server = transfer.start_transfer_server(client, f"{ip}:0", [f"{ip}:0"],
+        self._server = transfer.start_transfer_server(client, f"{ip}:0", [f"{ip}:0"] * channels,
                                                       transfer_size=transfer_size, use_raw_buffers=False)
         self.address = self._server.address()
         self._ids = itertools.count(int.from_bytes(os.urandom(6), "little") << 8)
@@ -142,9 +162,14 @@ class KVOfferServer:
 class KVPacker:
     """Sender side: gathers a request's blocks into one stacked array per stage, in this layout."""
 
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, *, piece_bytes: int = PIECE_BYTES):
         self.runner = runner
         self.buckets = geometric_buckets(1, runner.config.max_blocks_per_seq)
+        cfg, rc = runner.cfg, runner.config
+        # Bytes of one block in the largest shard leaf: its pieces stay within `piece_bytes`.
+        block_bytes = max(2 * len(st.pages) * (cfg.num_kv_heads // st.mesh.shape[TP]) for st in runner.stages) \
+            * rc.block_size * cfg.head_dim * jnp.dtype(rc.dtype).itemsize
+        self.piece_blocks = max(1, piece_bytes // block_bytes)
         self._gathers = [self._make_gather(st) for st in runner.stages]
 
     def _make_gather(self, st):
@@ -152,29 +177,33 @@ class KVPacker:
         take = jax.shard_map(functools.partial(dispatch.gather_pages, backend=self.runner.config.attention_backend),
                              mesh=mesh, in_specs=(P(TP), P()), out_specs=P(TP), check_vma=False)
 
-        def gather(pages, block_ids):
-            ks = [take(k, block_ids) for k, _ in pages]
-            vs = [take(v, block_ids) for _, v in pages]
-            return jnp.stack([jnp.stack(ks), jnp.stack(vs)])  # [2, L, H, n, PS, D]
+        def gather(pages, block_ids, pieces):
+            out = []
+            for a, b in pieces:  # each piece gathered straight from the pages: no copy of a whole leaf
+                ks = [take(k, block_ids[a:b]) for k, _ in pages]
+                vs = [take(v, block_ids[a:b]) for _, v in pages]
+                out.append(jnp.stack([jnp.stack(ks), jnp.stack(vs)]))  # [2, L, H, b - a, PS, D]
+            return tuple(out)
 
-        return jax.jit(gather, out_shardings=NamedSharding(mesh, P(None, None, TP)))
+        return jax.jit(gather, static_argnums=(2,), out_shardings=NamedSharding(mesh, P(None, None, TP)))
 
     def pack(self, block_ids: Sequence[int]) -> tuple[list[jax.Array], KVLayout]:
-        """Single-device leaves (stage by stage, shard by shard in mesh order) and their layout.
-        Dispatches the gathers; call while no step swaps this runner's pages."""
+        """Single-device leaves (stage by stage, shard by shard in mesh order, piece by piece) and
+        their layout. Dispatches the gathers; call while no step swaps this runner's pages."""
         n = round_up(len(block_ids), self.buckets)
         ids = np.zeros(n, np.int32)  # padding reads the null page 0
         ids[:len(block_ids)] = block_ids
+        pieces = tuple(block_pieces(n, self.piece_blocks))
         leaves = []
         stages = []
         for st, gather in zip(self.runner.stages, self._gathers):
-            packed = gather(st.pages, jax.device_put(ids, replicated(st.mesh)))
-            by_device = {s.device: s.data for s in packed.addressable_shards}
-            leaves += [by_device[d] for d in st.mesh.devices.flat]
+            packed = gather(st.pages, jax.device_put(ids, replicated(st.mesh)), pieces)
+            by_device = [{s.device: s.data for s in piece.addressable_shards} for piece in packed]
+            leaves += [piece[d] for d in st.mesh.devices.flat for piece in by_device]
             stages.append((len(st.pages), st.mesh.shape[TP]))
         cfg, rc = self.runner.cfg, self.runner.config
         layout = KVLayout(n, rc.block_size, cfg.head_dim, str(jnp.dtype(rc.dtype)), cfg.num_kv_heads,
-                          cfg.kv_replication, tuple(stages))
+                          cfg.kv_replication, tuple(stages), self.piece_blocks if len(pieces) > 1 else 0)
         return leaves, layout
 
 
@@ -204,7 +233,7 @@ class KVUnpacker:
         self.runner = runner
         self.device = runner.stages[0].mesh.devices.flat[0]
         self._scatters = [self._make_scatter(st.mesh) for st in runner.stages]
-        self._assemble = jax.jit(self._assemble_fn, static_argnums=(1, 2, 3))
+        self._assemble = jax.jit(self._assemble_fn, static_argnums=(1, 2, 3, 4))
         self.layers = [len(st.pages) for st in runner.stages]
 
     def pull(self, conn: Any, offer: KVOffer) -> PendingPull:
@@ -218,7 +247,9 @@ class KVUnpacker:
         return tuple((j // r_dst) * layout.kv_replication for j in range(self.runner.cfg.num_kv_heads))
 
     @staticmethod
-    def _assemble_fn(leaves, tps, head_index, splits):
+    def _assemble_fn(leaves, tps, head_index, splits, num_pieces=1):
+        if num_pieces > 1:  # each shard's pieces back into one leaf along the block axis
+            leaves = [jnp.concatenate(leaves[i:i + num_pieces], axis=3) for i in range(0, len(leaves), num_pieces)]
         stages, i = [], 0
         for tp in tps:
             stages.append(jnp.concatenate(leaves[i:i + tp], axis=2) if tp > 1 else leaves[i])
@@ -250,8 +281,10 @@ class KVUnpacker:
             raise ValueError(f"{len(dst_blocks)} destination blocks for an offer of {layout.num_blocks}")
         if sum(layers for layers, _ in layout.stages) != sum(self.layers):
             raise ValueError("KV offer from a model with a different number of layers")
+        if len(leaves) != len(layout.leaf_shapes):
+            raise ValueError(f"{len(leaves)} pulled leaves for an offer of {len(layout.leaf_shapes)}")
         parts = self._assemble(tuple(leaves), tuple(tp for _, tp in layout.stages), self.head_index(layout),
-                               tuple(self.layers))
+                               tuple(self.layers), len(layout.pieces))
         ids = np.zeros(layout.num_blocks, np.int32)  # padding writes the null page 0
         ids[:len(dst_blocks)] = dst_blocks
         markers = []
