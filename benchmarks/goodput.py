@@ -411,10 +411,12 @@ def main(argv: list[str]) -> None:
         print("-" * len(head))
         for sc in scales:
             cells = [f"{grid['attainment_at_rate'][m][sc]:>6.0%} | {grid['goodput'][m][sc].rate:6.2f}"
-                     f"{'+' if grid['goodput'][m][sc].status == 'above_high' else ' '}".rjust(20) for m in modes]
+                     f"{'+' if grid['goodput'][m][sc].status == 'above_high' else ' '}"
+                     f"{'!' if metrics.dips_below(grid['goodput'][m][sc]) else ' '}".rjust(20) for m in modes]
             ratio_cells = [f"{grid['ratios'][name][sc]['text']:>24}" for name in grid["ratios"]]
             print(f"{sc:>6g} | " + " | ".join(cells) + "".join(f" | {c}" for c in ratio_cells))
-        print("(+ = the highest swept rate still meets the target: goodput is at least that)")
+        print("(+ = the highest swept rate still meets the target: goodput is at least that; ! = a lower swept "
+              "rate misses it: the curve is not monotone, read the goodput with care)")
     mig = getattr(cores.get("disaggregated"), "migration_seconds", None)
     if mig:
         print(f"disaggregated KV pulls: {len(mig)}, {cores['disaggregated'].migrated_bytes / 2**20:.1f} MiB, "
