@@ -117,6 +117,16 @@ class WorkerProcess:
     def num_offers_held(self) -> int:
         return self.kv.num_held
 
+    def pin(self, cores: list[int]) -> list[int]:
+        """Moves every thread of this process to `cores` (after a placement change); its affinity."""
+        pin_all_threads(cores)
+        self.cores = list(cores)
+        return sorted(os.sched_getaffinity(0))
+
+    def warm(self) -> int:
+        """Compiles this worker's step buckets (a new instance, before it joins a warmed-up deployment)."""
+        return self._warmup()
+
     def load(self) -> Any:
         """The worker's current `WorkerLoad` (read from this thread: a snapshot)."""
         return self.worker.load()
