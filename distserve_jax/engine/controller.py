@@ -451,6 +451,7 @@ class Controller(LivePlacement):
         change = self.placement_change
         return {"mode": self.mode, "placement": self.placement, "max_model_len": self.max_model_len,
                 "placement_change": change.info() if change is not None else None,
+                "current_placement": dataclasses.asdict(now) if (now := self.current_placement()) else None,
                 "placement_changes": dict(self.placement_changes),
                 "executor": getattr(self.executor, "kind", "threads"),
                 "instances": [{**self.loads[n].info(), **extra.get(n, {}), "leaving": n in self._draining()}
