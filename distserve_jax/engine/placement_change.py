@@ -180,7 +180,7 @@ class ChangeRun:
     `waiting`: added instances not started yet (their devices are still a leaving instance's);
     `starting`: started, not joined; `leaving`: still served by the executor; `draining`: leaving
     instances no new request goes to; `checks`: leaving instance -> the `Sync` token whose answer
-    confirms it is empty.
+    confirms it is empty; `handed`: requests a leaving decode worker was asked to hand off.
     """
 
     change: PlacementChange
@@ -190,6 +190,8 @@ class ChangeRun:
     leaving: set[str]
     draining: set[str]
     checks: dict[str, int] = dataclasses.field(default_factory=dict)
+    handoff: bool = True  # leaving decode workers hand their requests to remaining ones
+    handed: set[str] = dataclasses.field(default_factory=set)  # request keys sent `HandOff`
 
     def update(self, now: float) -> PlacementChange:
         """Moves the reported state on: draining once every started instance joined, done once

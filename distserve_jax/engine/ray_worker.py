@@ -8,7 +8,7 @@ device count by the executor, then builds the instance's runner, cache, schedule
 - `send(seq, commands)`: queues controller commands (applied in `seq` order whatever the order
   the calls arrive in).
 - `events()`: a streaming generator of event batches, the way tokens reach the controller.
-- KV: when a prefill worker reports a request `Prefilled`, this process packs the request's KV
+- KV: when a prefill worker reports a request `Prefilled` (or a decode worker `HandedOff`), this process packs the request's KV
   (`kv_offer.KVPacker`) and offers it; the event carries the `KVOffer`. `Release` (the decode
   side's ack, via the controller) or `Finish` drops the offer. A decode worker pulls the offer's
   leaves from the named address and scatters them when the pull has landed, under a watchdog
@@ -76,7 +76,8 @@ class WorkerProcess:
                                blocks)
         self.lock = threading.Lock()
         self.kv = KVOfferServer(ip)
-        self.packer = KVPacker(self.runner) if role == "prefill" else None
+        # A decode worker packs too: a request it hands off (placement change) is pulled like a prefill's.
+        self.packer = KVPacker(self.runner) if role in ("prefill", "decode") else None
         self.unpacker = KVUnpacker(self.runner) if role == "decode" else None
         self.offers: dict[str, Any] = {}  # request key -> its KVOffer (prefill)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
