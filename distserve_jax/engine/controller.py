@@ -456,7 +456,8 @@ class Controller(LivePlacement):
                 "current_placement": dataclasses.asdict(now) if (now := self.current_placement()) else None,
                 "placement_changes": dict(self.placement_changes),
                 "executor": getattr(self.executor, "kind", "threads"),
-                "instances": [{**self.loads[n].info(), **extra.get(n, {}), "leaving": n in self._draining()}
+                "instances": [{**self.loads[n].info(), **extra.get(n, {}),
+                               "leaving": self._change is not None and n in self._change.leaving}
                               for n in self.roles],
                 "num_waiting_migration": len(self.migration_queue),
                 "num_migrating": sum(t.req.status is RequestStatus.MIGRATING for t in self._tracked.values()),

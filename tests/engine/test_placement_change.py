@@ -192,3 +192,41 @@ def test_bad_targets_are_refused_before_anything_changes(workload):
             colocated.apply_placement(_p([P1], [P1]))
     finally:
         colocated.shutdown()
+
+
+def test_a_new_instance_that_fails_to_start_fails_the_change(workload, monkeypatch):
+    """Building the new instance raises: the change ends "failed" naming it, nothing else changes,
+    the requests in flight complete, and a later change is accepted."""
+    from distserve_jax.engine.threads_executor import ThreadsExecutor
+
+    _, prompts, params, expected = workload
+    core = build_core(workload[0], placement=_p([P1], [P1]), start_workers=False, **KW)
+    try:
+        build = ThreadsExecutor._build
+
+        def failing(self, name, *a, **kw):
+            if name == "decode-1":
+                raise RuntimeError("out of device memory")
+            return build(self, name, *a, **kw)
+
+        monkeypatch.setattr(ThreadsExecutor, "_build", failing)
+        for i in range(4):
+            core.add_request(str(i), prompt_token_ids=prompts[i], params=params[i])
+        change = core.apply_placement(_p([P1], [P1, P1]))
+        outs = {}
+        while len(outs) < 4:
+            outs.update({int(o.request_id): o for o in core.step() if o.finished})
+        c = core.placement_change
+        assert c.state == "failed" and "decode-1" in c.error and "out of device memory" in c.error, c
+        assert c.started_at == change.started_at and c.finished_at is not None
+        assert not core.changing_placement and core.placement_changes == {"failed": 1}
+        assert list(core.roles) == ["prefill-0", "decode-0"] and core.current_placement().describe() == "P(tp1)+D(tp1)"
+        assert [outs[i].token_ids for i in range(4)] == [e.token_ids for e in expected[:4]]
+        monkeypatch.undo()
+        assert core.apply_placement(_p([P1], [P1, P1])).state == "starting"  # no longer in progress
+        while core.changing_placement:
+            core.step()
+        assert core.placement_change.state == "done" and core.placement_change.added == ("decode-2",)
+        assert_engine_empty(core)
+    finally:
+        core.shutdown()
