@@ -138,9 +138,8 @@ def plan_change(current: Sequence[LiveInstance], target: Placement, *, num_devic
         taken.add(name)
         return name
 
-    pinned = fixed_devices
-    explicit = [(r, s) for r, s in new if pinned and s.devices is not None]
-    implicit = [(r, s) for r, s in new if not (pinned and s.devices is not None)]
+    explicit = [(r, s) for r, s in new if fixed_devices and s.devices is not None]
+    implicit = [(r, s) for r, s in new if not (fixed_devices and s.devices is not None)]
     planned: list[tuple[str, InstanceSpec, tuple[int, ...] | None]] = []
     for role, spec in explicit:
         for d in spec.devices:
@@ -156,7 +155,7 @@ def plan_change(current: Sequence[LiveInstance], target: Placement, *, num_devic
     free = [d for d in range(total) if d not in kept_devs and d not in owner and d not in claimed]
     reusable = [d for d in sorted(owner) if d not in claimed]
     for role, spec in implicit:
-        if not pinned:
+        if not fixed_devices:
             planned.append((role, spec, None))
             continue
         n = spec.num_devices
