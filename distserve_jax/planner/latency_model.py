@@ -190,7 +190,7 @@ class StepModel:
         if prefill:
             ms = c.prefill_ms([len(w.token_ids) for w in works])
         elif decode:
-            ms = c.decode_ms(len(works), sum(w.context_len for w in works) + len(works))
+            return self.decode_time(len(works), sum(w.context_len for w in works) + len(works))
         else:
             chunks, nd, sd = [], 0, 0
             for w in works:
@@ -202,6 +202,11 @@ class StepModel:
                     chunks.append((n, w.context_len))
             ms = c.mixed_ms(chunks, nd, sd)
         return max(ms, 0.0) / self._div + self._overhead
+
+    def decode_time(self, num_rows: int, sum_ctx: int) -> float:
+        """`stage_time` of a decode batch of `num_rows` rows whose contexts sum(ctx_i + 1) = `sum_ctx`
+        (the same arithmetic, without the works)."""
+        return max(self.coeffs.decode_ms(num_rows, sum_ctx), 0.0) / self._div + self._overhead
 
 
 @dataclasses.dataclass
