@@ -9,9 +9,10 @@ Owns the candidate enumeration, the replication to a target rate and the packing
     pair of intra-node segments (tp_p, pp_p), (tp_d, pp_d) with gpus_p + gpus_d <= GPUs per node
     is a segment group: prefill (tp_p, k*pp_p) and decode (tp_d, k*pp_d), stage s of both on node s,
     so KV moves over intra-node links; pairs are simulated jointly (TTFT and TPOT per request) and
-    the best per-GPU goodput is replicated ceil(R / goodput) times. Pairs are visited best upper
-    bound first (the smaller of the two phases' goodputs alone, per GPU of the pair) and the visit
-    stops once no bound beats the best joint goodput found (`exhaustive=True` scores them all).
+    the best per-GPU goodput is replicated ceil(R / goodput) times. Each pair has an upper bound
+    (the smaller of the two phases' goodputs alone, per GPU of the pair); pairs are visited those
+    of exactly scored phases first, best bound first, and a pair whose bound does not beat the
+    best joint goodput found is not simulated (`exhaustive=True` scores them all).
   - baselines: colocated (prefill-first) and chunked replicas of every profiled tp (pp = 1, as the
     engine builds them), replicated ceil(R / goodput) times.
 With `prune` (the default; off with Alg. 2's `exhaustive`), a candidate that misses the target at
@@ -267,15 +268,26 @@ def alg2(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
         p, d, k = pair
         return min(alone[("p", p[0], k * p[1])].goodput, alone[("d", d[0], k * d[1])].goodput) / (
             k * (p[0] * p[1] + d[0] * d[1]))
-    pairs.sort(key=bound, reverse=True)
+    def loose(pair) -> bool:  # a phase's goodput is only an upper bound (pruned)
+        p, d, k = pair
+        return alone[("p", p[0], k * p[1])].pruned or alone[("d", d[0], k * d[1])].pruned
+
+    # Pairs of exactly scored phases first (their bounds are tight, so the first joint scores set a
+    # good incumbent), each group best bound first; a pair whose bound cannot beat the best joint
+    # goodput found is skipped.
+    pairs.sort(key=lambda pr: (loose(pr), -bound(pr)))
     scored: list[g.Scored] = []
     pair_of: dict[int, tuple] = {}  # id(scored) -> its (prefill segment, decode segment, inter-op degree)
     best = 0.0
     i = 0
     while i < len(pairs):
-        if not exhaustive and bound(pairs[i]) <= best * (1 + rel_tol):
+        batch = []
+        while i < len(pairs) and (exhaustive or len(batch) < max(1, jobs)):
+            if exhaustive or bound(pairs[i]) > best * (1 + rel_tol):
+                batch.append(pairs[i])
+            i += 1
+        if not batch:
             break
-        batch = pairs[i:i + max(1, jobs)] if not exhaustive else pairs[i:]
         units = [g.pair_unit(p, d, k, lim) for p, d, k in batch]
         got = g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs, prune=not exhaustive,
                           beat={"pair": best} if best > 0 else None)
@@ -283,12 +295,11 @@ def alg2(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
         pair_of.update({id(s): pr for s, pr in zip(got, batch)})
         nsim += sum(s.num_evals for s in got)
         best = max([best] + [s.per_gpu for s in got if not s.pruned])
-        i += len(batch)
         if progress:
             progress("alg2 pairs", i, len(pairs))
-    if i < len(pairs):
-        logging.info("alg2: %d of %d pairs pruned (their phase-alone bound <= the best joint %.4f req/s/GPU)",
-                     len(pairs) - i, len(pairs), best)
+    if len(scored) < len(pairs):
+        logging.info("alg2: %d of %d pairs not simulated (their phase-alone bound <= the best joint %.4f req/s/GPU)",
+                     len(pairs) - len(scored), len(pairs), best)
     ranked = _rank(scored)
     plan = Plan("alg2", rate, None, None, ranked, skipped=sorted(set(skipped)), num_simulations=nsim)
     plan.prefill = _rank([v for s, v in alone.items() if s[0] == "p"])
