@@ -47,7 +47,7 @@ from distserve_jax.planner.latency_model import Profile
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("speed_requests", 2000, "Requests of the raw simulator-speed run.")
 flags.DEFINE_float("high_affinity_gbps", 200.0, "Alg. 1: inter-node KV link (Gbit/s).")
-flags.DEFINE_list("algorithms", ["alg1", "alg2"], "Which searches.")
+flags.DEFINE_list("algorithms", ["alg1", "alg2"], "Which searches (none: the simulator speed alone).")
 
 
 def cpu_seconds() -> float:
@@ -97,7 +97,7 @@ def main(argv):
           f"{sp['fast_forward']['requests_per_cpu_s']:.0f} simulated requests / CPU s "
           f"({sp['fast_forward']['tokens_per_cpu_s']:.0f} tokens / CPU s), turn by turn "
           f"{sp['turn_by_turn']['requests_per_cpu_s']:.0f} ({sp['speedup']:.2f}x); same records: {sp['same_records']}")
-    for alg in FLAGS.algorithms:
+    for alg in [a for a in FLAGS.algorithms if a]:  # --algorithms= : the simulator speed alone
         p = prof
         if alg == "alg1":
             p = dataclasses.replace(prof, hardware=dataclasses.replace(prof.hardware,
