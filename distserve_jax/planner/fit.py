@@ -68,14 +68,14 @@ def fit_decode_split(samples: Sequence[Sample], **kw) -> tuple[list[float], list
     batch size) chosen by the pieces' error on their training points (every third point of each
     piece is held out for the reported error, as in `fit_regime`). Returns (small coefficients,
     large coefficients, threshold, small report, large report). Falls back to one piece for both
-    when no split leaves 4 points on each side."""
+    when no split leaves 6 points on each side (at 2+ batch sizes below the split)."""
     pts = [s for s in samples if s[0] == "decode"]
     best = None
     for thr in sorted({len(w) for _, w, _ in pts})[1:]:
         small = [s for s in pts if len(s[1]) < thr]
         large = [s for s in pts if len(s[1]) >= thr]
-        if len(small) < 4 or len(large) < 4:
-            continue
+        if min(len(small), len(large)) < 6 or len({len(w) for _, w, _ in small}) < 2:
+            continue  # each piece needs points at 2+ batch sizes to tell its per-row cost
         cs, es = fit_regime(small, "decode", **kw)
         cl, el = fit_regime(large, "decode", **kw)
         n_s, n_l = es["n"] - es["heldout_n"], el["n"] - el["heldout_n"]
