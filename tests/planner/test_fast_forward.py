@@ -1,6 +1,8 @@
 """Fast-forward (planned decode stretches, applied lazily) gives the turn-by-turn simulation's records
 exactly: same TTFT, TPOT, finish and migration times for every request, on every kind of instance."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,8 @@ from distserve_jax.planner import simulator as sim
 from distserve_jax.planner.latency_model import Profile
 from distserve_jax.planner.workload import at_rate
 
-PROFILE = Profile.load("configs/profiles/a100-opt-66b.distserve.json")  # decode time grows with the contexts
+# Decode time grows with the contexts.
+PROFILE = Profile.load(Path(__file__).resolve().parents[2] / "configs/profiles/a100-opt-66b.distserve.json")
 LIMITS = dict(max_num_seqs=16, max_num_batched_tokens=512, max_model_len=1024)
 
 CASES = {
