@@ -292,6 +292,9 @@ class Controller(LivePlacement):
             for tr in parked:
                 self._admit(tr)
             return
+        if isinstance(e, m.TokenRun):
+            self._on_token_run(e)
+            return
         tr = self._tracked.get(e.request_id)
         if tr is None:
             return  # the request ended meanwhile; the worker got (or gets) its Finish
@@ -355,6 +358,34 @@ class Controller(LivePlacement):
         elif r.status is RequestStatus.WAITING:
             r.status = RequestStatus.RUNNING
         self._pending_outputs.append(ro)
+
+    def _on_token_run(self, e: m.TokenRun) -> None:
+        """The `Token`s a `TokenRun` stands for; a request whose output needs no per-token work
+        (`OutputProcessor.is_plain`) takes its tokens in one go."""
+        for rid, ids, npre in zip(e.request_ids, e.token_ids, e.num_preemptions):
+            tr = self._tracked.get(rid)
+            if tr is None or not ids:
+                continue  # ended meanwhile
+            r = tr.req
+            if r.prefill_end is None or not self.outputs.is_plain(r.request_id):
+                for tok, t in zip(ids, e.times):
+                    self._on_token(tr, m.Token(e.worker, rid, tok, 0.0, {}, t, num_preemptions=npre))
+                    if self._tracked.get(rid) is not tr:
+                        break
+                continue
+            if tr.queued_at == e.worker:
+                self._unqueue(tr)
+            r.num_preemptions = max(r.num_preemptions, npre)
+            ro, reason, n = self.outputs.process_plain(r.request_id, ids)
+            r.output_token_ids.extend(ids[:n])
+            r.token_times.extend(e.times[:n])
+            if reason is not None:
+                r.finish_time = e.times[n - 1]
+                ro.metrics = request_metrics(r)
+                self._end(tr, reason)
+            elif r.status is RequestStatus.WAITING:
+                r.status = RequestStatus.RUNNING
+            self._pending_outputs.append(ro)
 
     def _dispatch_pulls(self) -> None:
         """FCFS: each prefilled request goes to the least loaded decode worker with room."""

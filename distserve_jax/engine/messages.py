@@ -16,6 +16,8 @@ Commands (controller -> worker):
 
 Events (worker -> controller):
   - `Token`: a sampled token (the first token of a prefill, or a decode token).
+  - `TokenRun`: decode tokens of several requests over consecutive steps, in one event (what
+    the simulator emits when it advances a stretch of decode steps at once).
   - `Prefilled`: the request's prompt KV is in this prefill worker's cache, ready to pull.
   - `HandedOff` (a `Prefilled`): a decode worker stopped decoding the request after `HandOff`;
     its KV so far is ready to pull from there, the same way.
@@ -153,6 +155,22 @@ class Token:
     prefill_start: float | None = None  # when its (re)prefill started here (prefill and colocated workers)
     num_preemptions: int = 0  # times the request was preempted so far
     prompt_logprobs: Any = None  # with the token that ends a prefill, when asked for
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRun:
+    """Decode tokens of several requests of one worker over consecutive steps, in one event.
+
+    Request `request_ids[i]` got `token_ids[i][j]` at `times[j]` (so each request's tokens are at
+    the first `len(token_ids[i])` times). Never a request's first token (that is a `Token`, with
+    its prefill start); no logprobs. The controller applies it as the `Token`s it stands for.
+    """
+
+    worker: str
+    request_ids: tuple[str, ...]
+    token_ids: tuple[tuple[int, ...], ...]
+    times: tuple[float, ...]
+    num_preemptions: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,7 @@ tail that could still become one is held back), `max_tokens` and the model's con
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 from distserve_jax.sampling_params import SamplingParams
 
@@ -108,6 +108,35 @@ class OutputProcessor:
             out.prompt_logprobs = st.prompt_logprobs
             self.drop(request_id)
         return out, reason
+
+    def is_plain(self, request_id: str) -> bool:
+        """Whether a request's tokens need no per-token work here: no text (no tokenizer), no stop
+        token ids, stop strings or EOS, no logprobs; only its length ends it (`process_plain`)."""
+        st = self._state.get(request_id)
+        if st is None or self.tokenizer is not None:
+            return False
+        p = st.params
+        return (not p.stop and not p.stop_token_ids and (p.ignore_eos or not self.eos) and p.logprobs is None
+                and p.prompt_logprobs is None)
+
+    def process_plain(self, request_id: str, token_ids: Sequence[int]) -> tuple[RequestOutput, str | None, int]:
+        """`process` over several tokens of a plain request (`is_plain`) at once: the output after
+        them, the finish reason ("length" or None), and how many tokens were taken (a run stops at
+        the token that ends the request, as one `process` call per token would)."""
+        st = self._state[request_id]
+        p = st.params
+        room = min(p.max_tokens - len(st.token_ids), self.max_model_len - len(st.prompt_ids) - len(st.token_ids))
+        n = len(token_ids) if room > len(token_ids) else max(room, 1)
+        st.token_ids.extend(token_ids[:n])
+        reason = "length" if n >= room else None
+        new_ids = st.token_ids[st.reported:]
+        st.reported = len(st.token_ids)
+        out = RequestOutput(request_id=request_id, prompt_token_ids=st.prompt_ids, token_ids=list(st.token_ids),
+                            new_token_ids=new_ids, text=st.emitted, text_delta="", finished=reason is not None,
+                            finish_reason=reason)
+        if reason is not None:
+            self.drop(request_id)
+        return out, reason, n
 
     def final_abort(self, request_id: str, prompt_ids: list[int]) -> RequestOutput:
         st = self._state.pop(request_id, None)

@@ -39,7 +39,9 @@ flags.DEFINE_enum("affinity", "low", ["high", "low"], "high: Alg. 1; low: Alg. 2
 flags.DEFINE_float("inter_node_gbps", None, "Override the profile's inter-node link (Gbit/s).")
 flags.DEFINE_float("intra_node_gbps", None, "Override the profile's intra-node link (Gbit/s).")
 flags.DEFINE_bool("baselines", True, "Also search the colocated and chunked baselines.")
-flags.DEFINE_bool("exhaustive", False, "Alg. 2: score every pair (no bound pruning).")
+flags.DEFINE_bool("exhaustive", False, "Alg. 2: score every pair and phase (no pruning).")
+flags.DEFINE_bool("prune", True, "Alg. 1 and baselines: a candidate missing the target at the best per-GPU goodput "
+                  "of its kind so far gets no further search (its goodput shown as an upper bound).")
 flags.DEFINE_integer("jobs", 1, "Processes scoring candidates.")
 flags.DEFINE_string("out", None, "Where to write the placement YAML (plan).")
 flags.DEFINE_string("json_out", None, "Where to write the full result as JSON.")
@@ -137,10 +139,10 @@ def cmd_plan() -> int:
     work, verify = workload_for(FLAGS.num_requests), workload_for(FLAGS.verify_requests)
     kw = dict(target=FLAGS.attainment, limits=limits(), jobs=FLAGS.jobs, verify=verify, progress=_Bar())
     if FLAGS.affinity == "high":
-        plan = search.alg1(prof, cluster, work, slo, FLAGS.rate, **kw)
+        plan = search.alg1(prof, cluster, work, slo, FLAGS.rate, prune=FLAGS.prune, **kw)
     else:
         plan = search.alg2(prof, cluster, work, slo, FLAGS.rate, exhaustive=FLAGS.exhaustive, **kw)
-    base = search.baselines(prof, cluster, work, slo, FLAGS.rate, **kw) if FLAGS.baselines else {}
+    base = search.baselines(prof, cluster, work, slo, FLAGS.rate, prune=FLAGS.prune, **kw) if FLAGS.baselines else {}
     print(f"profile {prof.name} ({prof.model.name}); workload {work.name}: {len(work.lens)} requests, mean "
           f"prompt {work.mean_prompt:.0f} / output {work.mean_output:.0f} tokens; SLO TTFT {slo.ttft_s}s TPOT "
           f"{slo.tpot_s}s at {FLAGS.attainment:.0%}; cluster {cluster.num_nodes}x{cluster.gpus_per_node}")

@@ -10,11 +10,18 @@ Owns the rate search and the units it is run on:
     feeds it; only TPOT counts; KV moves over the link given), a prefill + decode pair, and a
     colocated / chunked replica; each judged by `metrics.attainment` with the SLO relaxed to
     the phase simulated.
+  - `score_all` with `prune=True`: units are scored best rough capacity per GPU first (per kind),
+    and a unit is first simulated at the best per-GPU goodput found so far for its kind (times its
+    GPUs, plus the tolerance): when it misses the target there, it cannot beat that best beyond
+    the tolerance and is kept as pruned (its goodput an upper bound, ranked after the scored
+    ones) after one simulation; else its search starts from there. Scores are memoized per
+    (unit, profile, workload, SLO, target, tolerance) within a process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Callable, Sequence
 
@@ -255,9 +262,10 @@ class Scored:
     """A unit and its goodput (req/s of the unit, and per GPU)."""
 
     unit: Unit
-    goodput: float
+    goodput: float  # an upper bound when `pruned`
     result: metrics.GoodputResult
     note: str = ""
+    pruned: bool = False  # missed the target at a rate that would not beat the best of its kind
 
     @property
     def per_gpu(self) -> float:
@@ -268,36 +276,91 @@ class Scored:
         return len(self.result.points)
 
 
-def score(unit: Unit, profile: Profile, work: Workload, slo: SLO, target: float, rel_tol: float = 0.01) -> Scored:
-    """The unit's goodput; estimates it relies on (analytic pp, capacity) are named in `note`."""
+def score(unit: Unit, profile: Profile, work: Workload, slo: SLO, target: float, rel_tol: float = 0.01,
+          beat: float | None = None) -> Scored:
+    """The unit's goodput; estimates it relies on (analytic pp, capacity) are named in `note`.
+
+    With `beat` (req/s per GPU), first simulates at `beat * GPUs * (1 + rel_tol)`: a miss there
+    returns a pruned score (that rate, an upper bound) after one simulation.
+    """
     notes = sorted({e for i in unit.deployment.instances if i.name not in unit.phantoms
                     for e in [profile.step_model(i.tp, i.pp).estimated,
                               "KV capacity estimated from memory" if profile.kv_capacity_tokens(i.tp, i.pp)[1] else ""]
                     if e})
-    res = search_rate(lambda r: attainment(unit, profile, work, slo, r, target), guess=guess_rate(unit, profile, work),
-                      target=target, rel_tol=rel_tol)
+    guess = guess_rate(unit, profile, work)
+    memo: dict[float, float] = {}
+
+    def f(r: float) -> float:
+        if r not in memo:
+            memo[r] = attainment(unit, profile, work, slo, r, target)
+        return memo[r]
+
+    if beat is not None and beat > 0:
+        r = beat * unit.num_gpus * (1 + rel_tol)
+        if f(r) < target:
+            res = metrics.GoodputResult(r, tuple(memo.items()), target, "pruned")
+            return Scored(unit, r, res, "; ".join(notes + [f"pruned: < {beat * (1 + rel_tol):.4g} req/s/GPU"]),
+                          pruned=True)
+        guess = r
+    res = search_rate(f, guess=guess, target=target, rel_tol=rel_tol)
+    res = dataclasses.replace(res, points=tuple(memo.items()))
     return Scored(unit, res.rate, res, "; ".join(notes))
 
 
+_CACHE: dict[tuple, Scored] = {}  # full (unpruned) scores of this process
+
+
+def _key(unit: Unit, profile: Profile, work: Workload, slo: SLO, target: float, rel_tol: float) -> tuple:
+    return (unit, json.dumps(profile.to_dict(), sort_keys=True), work, slo, target, rel_tol)
+
+
 def score_all(units: Sequence[Unit], profile: Profile, work: Workload, slo: SLO, target: float, *,
-              rel_tol: float = 0.01, jobs: int = 1, progress: Callable[[int, int], None] | None = None) -> list[Scored]:
-    """`score` for every unit (in `jobs` processes), in the order given."""
-    out: list[Scored] = []
-    args = [(u, profile, work, slo, target, rel_tol) for u in units]
-    if jobs > 1 and len(units) > 1:
+              rel_tol: float = 0.01, jobs: int = 1, progress: Callable[[int, int], None] | None = None,
+              prune: bool = False, beat: dict[str, float] | None = None) -> list[Scored]:
+    """`score` for every unit (in `jobs` processes), in the order given; with `prune`, units that
+    cannot beat the best of their kind (so far, or in `beat`: kind -> req/s per GPU) are pruned
+    (see the module docstring)."""
+    out: list[Scored | None] = [None] * len(units)
+    todo = []
+    for i, u in enumerate(units):
+        hit = _CACHE.get(_key(u, profile, work, slo, target, rel_tol))
+        if hit is not None:
+            out[i] = hit
+        else:
+            todo.append(i)
+    if prune:
+        rough = {i: guess_rate(units[i], profile, work) / units[i].num_gpus for i in todo}
+        todo.sort(key=lambda i: -rough[i])
+    best: dict[str, float] = dict(beat or {})
+    for s in out:
+        if s is not None:
+            best[s.unit.kind] = max(best.get(s.unit.kind, 0.0), s.per_gpu)
+    done = len(units) - len(todo)
+    width = max(1, jobs) if prune else len(todo)
+    pool = None
+    if jobs > 1 and len(todo) > 1:
         import multiprocessing
 
-        with multiprocessing.get_context("fork").Pool(min(jobs, len(units))) as pool:
-            for s in pool.imap(_score_star, args):
-                out.append(s)
+        pool = multiprocessing.get_context("fork").Pool(min(jobs, len(todo)))
+    try:
+        for k in range(0, len(todo), width):
+            wave = todo[k:k + width]
+            args = [(units[i], profile, work, slo, target, rel_tol, best.get(units[i].kind) if prune else None)
+                    for i in wave]
+            results = pool.imap(_score_star, args) if pool is not None else map(_score_star, args)
+            for i, s in zip(wave, results):
+                out[i] = s
+                if not s.pruned:
+                    _CACHE[_key(units[i], profile, work, slo, target, rel_tol)] = s
+                    best[s.unit.kind] = max(best.get(s.unit.kind, 0.0), s.per_gpu)
+                done += 1
                 if progress:
-                    progress(len(out), len(units))
-        return out
-    for a in args:
-        out.append(_score_star(a))
-        if progress:
-            progress(len(out), len(units))
-    return out
+                    progress(done, len(units))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return out  # type: ignore[return-value]
 
 
 def _score_star(a: tuple) -> Scored:

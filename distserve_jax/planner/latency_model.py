@@ -7,8 +7,9 @@ Owns the paper's forms (DistServe OSDI'24 and its simulator), all coefficients i
   - decode batch of B rows, contexts ctx_i:  T = a + b*sum(ctx_i + 1) + c*B' (B' = B padded to
     the runner's batch bucket when listed), "small" coefficients when B < threshold, else "large";
   - mixed step (chunked prefill: chunks l_i over ctx_i, plus decode rows):
-        T = a + b*sum(l_i) + c*sum((ctx_i + l_i)^2 - ctx_i^2) + d*sum(ctx_dec + 1),
-    fitted when profiled, else estimated from the prefill and decode forms (flagged);
+        T = a + b*X + c*Q + d*sum(ctx_dec + 1), X = sum(l_i) + decode rows (padded as above),
+        Q = sum((ctx_i + l_i)^2 - ctx_i^2) ("sum" square) or X^2 ("total"), fitted when profiled,
+        else estimated from the prefill and decode forms (flagged);
   - pipeline stages: a (tp, pp) entry is the time of the whole pipeline; each stage takes T/pp.
     A profile whose `pp_model` is "analytic" derives pp > 1 from its pp = 1 entry as T/pp plus
     `stage_overhead_ms` per stage (what the authors' simulator does), flagged as an estimate;
@@ -98,14 +99,16 @@ class StepCoefficients:
     decode_threshold: int = 95
     mixed: tuple[float, float, float, float] | None = None
     prefill_square: str = "sum"  # "sum": sum(l_i^2); "total": (padded sum(l_i))^2
+    mixed_square: str = "sum"  # "sum": sum((ctx + l)^2 - ctx^2) over chunks; "total": X^2
     token_buckets: tuple[int, ...] = ()  # the runner's padding (empty: none)
     seq_buckets: tuple[int, ...] = ()
     max_num_tokens: int | None = None  # KV capacity measured with this entry
     fit_error: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.prefill_square not in ("sum", "total"):
-            raise ProfileError(f"prefill_square must be 'sum' or 'total', got {self.prefill_square!r}")
+        for name in ("prefill_square", "mixed_square"):
+            if getattr(self, name) not in ("sum", "total"):
+                raise ProfileError(f"{name} must be 'sum' or 'total', got {getattr(self, name)!r}")
         for name in ("prefill", "decode_small", "decode_large"):
             if len(getattr(self, name)) != 3:
                 raise ProfileError(f"{name} needs 3 coefficients [a, b, c], got {getattr(self, name)!r}")
@@ -130,6 +133,8 @@ class StepCoefficients:
         if self.mixed is not None:
             a, b, c, d = self.mixed
             x = _round_up(sum(n for n, _ in chunks) + num_dec, self.token_buckets)
+            if self.mixed_square == "total":
+                q = x * x
             return a + b * x + c * q + d * sum_ctx_dec
         # Estimate: the prefill form on the chunks (its square term over the new keys), plus the
         # decode rows' attention and per-row cost (their constant is already in the prefill's).
@@ -142,6 +147,8 @@ class StepCoefficients:
         d = {"prefill": list(self.prefill), "decode_small": list(self.decode_small),
              "decode_large": list(self.decode_large), "decode_threshold": self.decode_threshold,
              "prefill_square": self.prefill_square}
+        if self.mixed_square != "sum":
+            d["mixed_square"] = self.mixed_square
         for k in ("mixed", "max_num_tokens"):
             if getattr(self, k) is not None:
                 d[k] = list(self.mixed) if k == "mixed" else self.max_num_tokens
@@ -159,7 +166,7 @@ class StepCoefficients:
             return cls(prefill=tuple(d["prefill"]), decode_small=tuple(d["decode_small"]),
                        decode_large=tuple(d["decode_large"]), decode_threshold=int(d.get("decode_threshold", 95)),
                        mixed=tuple(d["mixed"]) if d.get("mixed") is not None else None,
-                       prefill_square=d.get("prefill_square", "sum"),
+                       prefill_square=d.get("prefill_square", "sum"), mixed_square=d.get("mixed_square", "sum"),
                        token_buckets=tuple(d.get("token_buckets", ())), seq_buckets=tuple(d.get("seq_buckets", ())),
                        max_num_tokens=d.get("max_num_tokens"), fit_error=dict(d.get("fit_error", {})))
         except (KeyError, TypeError) as e:
@@ -190,7 +197,7 @@ class StepModel:
         if prefill:
             ms = c.prefill_ms([len(w.token_ids) for w in works])
         elif decode:
-            ms = c.decode_ms(len(works), sum(w.context_len for w in works) + len(works))
+            return self.decode_time(len(works), sum(w.context_len for w in works) + len(works))
         else:
             chunks, nd, sd = [], 0, 0
             for w in works:
@@ -202,6 +209,11 @@ class StepModel:
                     chunks.append((n, w.context_len))
             ms = c.mixed_ms(chunks, nd, sd)
         return max(ms, 0.0) / self._div + self._overhead
+
+    def decode_time(self, num_rows: int, sum_ctx: int) -> float:
+        """`stage_time` of a decode batch of `num_rows` rows whose contexts sum(ctx_i + 1) = `sum_ctx`
+        (the same arithmetic, without the works)."""
+        return max(self.coeffs.decode_ms(num_rows, sum_ctx), 0.0) / self._div + self._overhead
 
 
 @dataclasses.dataclass

@@ -5,12 +5,16 @@ own `ModelRunner` steps); `cli` imports it only for the `profile` command, so `i
 distserve_jax.planner` and every other command stay JAX-free.
 
 For each `--tp` x `--pp` it builds the instance's runner on the first tp*pp devices and times
-`launch` + `collect` (warm: every bucket compiled first; `--warmup` untimed runs, then the
-median of `--repeats`) over a grid of batch shapes: prefill (batch x prompt length), decode
-(batch x context), mixed (a prompt chunk over a context plus decode rows). It fits each regime
-(`fit`), reports the held-out error, records the runner's padding buckets and KV capacity, and
-times KV pulls between two instances (tp=1, devices 0 and 1) for the link bandwidth. The result
-is one profile JSON (`--profile_out`).
+`launch` + `collect` over a grid of batch shapes: prefill (batch x prompt length), decode (batch x
+context), mixed (a prompt chunk over a context plus decode rows). Every shape is warmed first
+(`--warmup` untimed runs: its bucket compiled), then measured in `--repeats` rounds, each round
+visiting every shape once in a new shuffled order, and the median of its rounds is kept: a burst
+of other load on the host lands on different shapes in different rounds instead of on all the
+repeats of one shape. It fits each regime (`fit`; decode in a small- and a large-batch piece
+split where the data says, the prefill and mixed square terms chosen by held-out error), reports
+the held-out error per regime, records the runner's padding buckets and KV capacity, and times
+KV pulls between two instances (tp=1, devices 0 and 1) for the link bandwidth. The result is one
+profile JSON (`--profile_out`).
 """
 
 from __future__ import annotations
@@ -44,23 +48,21 @@ def cpu_name() -> str:
 def grid(max_seqs: int, max_tokens: int, max_len: int) -> list[tuple[str, list[tuple[int, int]]]]:
     out = []
     for b in (1, 2, 4, 8):
-        for n in (8, 16, 32, 64, 128, 256, 512, 1024):
+        for n in (8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024):
             if b <= max_seqs and b * n <= max_tokens and n <= max_len:
                 out.append(("prefill", [(n, 0)] * b))
-    for b in (1, 2, 4, 8, 16, 32, 64):
-        for c in (16, 64, 256, 512, 1024):
+    for b in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+        for c in (16, 64, 128, 256, 512, 1024):
             if b <= max_seqs and c + 2 <= max_len:
                 out.append(("decode", [(1, c)] * b))
-    for n, c in ((32, 64), (64, 64), (128, 128), (256, 256), (64, 512)):
-        for d in (0, 4, 16):
+    for n, c in ((16, 32), (32, 64), (64, 64), (64, 128), (128, 128), (96, 192), (256, 256), (64, 512)):
+        for d in (0, 2, 4, 8, 16):
             if n + c <= max_len and n + d <= max_tokens and 1 + d <= max_seqs:
                 out.append(("mixed", [(n, c)] + [(1, 256)] * d))
     return out
 
 
-def measure(runner: Any, works_spec: list[tuple[int, int]], repeats: int, warmup: int) -> float:
-    """Median ms of launch + collect for a batch of (new tokens, context) items (the warm-up runs
-    compile the shape's bucket)."""
+def _works(runner: Any, works_spec: list[tuple[int, int]]) -> list[Any]:
     from distserve_jax.sampling_params import SamplingParams
     from distserve_jax.step_types import SeqWork
 
@@ -73,14 +75,32 @@ def measure(runner: Any, works_spec: list[tuple[int, int]], repeats: int, warmup
         nxt += k
     if nxt > runner.num_blocks:
         raise ValueError(f"shape {works_spec[:2]}... needs {nxt} blocks, the runner has {runner.num_blocks}")
-    for _ in range(warmup):
-        runner.execute(works)
-    times = []
+    return works
+
+
+def measure_grid(runner: Any, shapes: Sequence[list[tuple[int, int]]], repeats: int, warmup: int,
+                 seed: int = 0, clock: Any = time.perf_counter) -> list[float]:
+    """Median ms of launch + collect (`runner.execute`) for each shape (a batch of (new tokens,
+    context) items): `warmup` untimed runs of each shape, then `repeats` rounds over all shapes, each
+    in a new shuffled order (see the module docstring)."""
+    import random
+
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    works = [_works(runner, s) for s in shapes]
+    for w in works:
+        for _ in range(warmup):
+            runner.execute(w)
+    rng = random.Random(seed)
+    times: list[list[float]] = [[] for _ in works]
+    order = list(range(len(works)))
     for _ in range(repeats):
-        t = time.perf_counter()
-        runner.execute(works)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        rng.shuffle(order)
+        for i in order:
+            t = clock()
+            runner.execute(works[i])
+            times[i].append((clock() - t) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,23 +127,23 @@ def profile_config(spec: Any, devices: Sequence[Any], tp: int, pp: int, st: Sett
     meshes = [make_mesh(list(devices[s * tp:(s + 1) * tp])) for s in range(pp)]
     runner = ModelRunner(spec.config, meshes, spec.weights, rc)
     max_len = min(rc.max_model_len, (runner.num_blocks - 1) * rc.block_size // 8)
-    samples = []
-    for regime, works in grid(rc.max_num_seqs, rc.max_num_batched_tokens, max_len):
-        ms = measure(runner, works, st.repeats, st.warmup)
-        samples.append((regime, works, ms))
+    shapes = grid(rc.max_num_seqs, rc.max_num_batched_tokens, max_len)
+    measured = measure_grid(runner, [w for _, w in shapes], st.repeats, st.warmup)
+    samples = [(regime, works, ms) for (regime, works), ms in zip(shapes, measured)]
+    for regime, works, ms in samples:
         logging.info("tp=%d pp=%d %s %d x %s: %.2f ms", tp, pp, regime, len(works), works[0], ms)
     tb, sb = tuple(runner.token_buckets), tuple(runner.seq_buckets)
-    best = None
-    for square in ("sum", "total"):
-        c, err = fit.fit_regime(samples, "prefill", token_buckets=tb, square=square)
-        if best is None or err["heldout_mape"] < best[2]["heldout_mape"]:
-            best = (square, c, err)
-    square, pre, pre_err = best
-    dec, dec_err = fit.fit_regime(samples, "decode", seq_buckets=sb)
-    mix, mix_err = fit.fit_regime(samples, "mixed", token_buckets=tb)
-    errors = {"prefill": pre_err, "decode": dec_err, "mixed": mix_err}
-    c = StepCoefficients(prefill=tuple(pre), decode_small=tuple(dec), decode_large=tuple(dec),
-                         decode_threshold=rc.max_num_seqs + 1, mixed=tuple(mix), prefill_square=square,
+
+    def best_square(regime: str) -> tuple[str, list[float], dict]:
+        fits = [(sq, *fit.fit_regime(samples, regime, token_buckets=tb, square=sq)) for sq in ("sum", "total")]
+        return min(fits, key=lambda f: f[2]["heldout_mape"])
+
+    square, pre, pre_err = best_square("prefill")
+    mix_square, mix, mix_err = best_square("mixed")
+    small, large, thr, small_err, large_err = fit.fit_decode_split(samples, seq_buckets=sb)
+    errors = {"prefill": pre_err, "decode_small": small_err, "decode_large": large_err, "mixed": mix_err}
+    c = StepCoefficients(prefill=tuple(pre), decode_small=tuple(small), decode_large=tuple(large),
+                         decode_threshold=thr, mixed=tuple(mix), prefill_square=square, mixed_square=mix_square,
                          token_buckets=tb, seq_buckets=sb, max_num_tokens=(runner.num_blocks - 1) * rc.block_size,
                          fit_error=errors)
     return c, {"samples": len(samples), "errors": errors}
@@ -194,7 +214,10 @@ def main() -> int:
     prof.save(FLAGS.profile_out)
     for (tp, pp), r in report.items():
         for regime, e in r["errors"].items():
-            print(f"tp={tp} pp={pp} {regime:<8} n={e['n']:>3}  held-out MAPE {e['heldout_mape']:.1%}  "
+            print(f"tp={tp} pp={pp} {regime:<12} n={e['n']:>3}  held-out MAPE {e['heldout_mape']:.1%}  "
                   f"max {e['heldout_max_ape']:.1%}")
+        c = prof.configs[(tp, pp)]
+        print(f"tp={tp} pp={pp} decode split at batch {c.decode_threshold}; prefill square {c.prefill_square}, "
+              f"mixed square {c.mixed_square}")
     print(f"KV pull link: {prof.hardware.intra_node_gbit_s:.2f} Gbit/s; wrote {FLAGS.profile_out}")
     return 0

@@ -9,11 +9,15 @@ Owns the candidate enumeration, the replication to a target rate and the packing
     pair of intra-node segments (tp_p, pp_p), (tp_d, pp_d) with gpus_p + gpus_d <= GPUs per node
     is a segment group: prefill (tp_p, k*pp_p) and decode (tp_d, k*pp_d), stage s of both on node s,
     so KV moves over intra-node links; pairs are simulated jointly (TTFT and TPOT per request) and
-    the best per-GPU goodput is replicated ceil(R / goodput) times. Pairs are visited best upper
-    bound first (the smaller of the two phases' goodputs alone, per GPU of the pair) and the visit
-    stops once no bound beats the best joint goodput found (`exhaustive=True` scores them all).
+    the best per-GPU goodput is replicated ceil(R / goodput) times. Each pair has an upper bound
+    (the smaller of the two phases' goodputs alone, per GPU of the pair); pairs are visited those
+    of exactly scored phases first, best bound first, and a pair whose bound does not beat the
+    best joint goodput found is not simulated (`exhaustive=True` scores them all).
   - baselines: colocated (prefill-first) and chunked replicas of every profiled tp (pp = 1, as the
     engine builds them), replicated ceil(R / goodput) times.
+With `prune` (the default; off with Alg. 2's `exhaustive`), a candidate that misses the target at
+the best per-GPU goodput of its kind found so far is not searched further (`goodput.score_all`):
+the chosen candidates are the exhaustive search's, within the bisection's tolerance.
 Each result carries the chosen placement (devices on nodes) and its attainment at R, simulated
 jointly.
 """
@@ -73,7 +77,7 @@ class Plan:
 
 
 def _rank(scored: list[g.Scored]) -> list[g.Scored]:
-    return sorted(scored, key=lambda s: (-s.per_gpu, s.unit.num_gpus, s.unit.describe()))
+    return sorted(scored, key=lambda s: (s.pruned, -s.per_gpu, s.unit.num_gpus, s.unit.describe()))
 
 
 def candidate_configs(profile: Profile, cluster: Cluster, max_model_len: int, *, max_gpus: int | None = None,
@@ -183,7 +187,7 @@ def _place(plan: Plan, groups_for: Callable[[tuple[int, ...]], list], counts: tu
 # ------------------------------------------------------------------------------ algorithms
 def alg1(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: float, *, target: float = 0.9,
          limits: dict | None = None, jobs: int = 1, rel_tol: float = 0.01, verify: g.Workload | None = None,
-         progress: Progress | None = None) -> Plan:
+         progress: Progress | None = None, prune: bool = True) -> Plan:
     t0 = time.perf_counter()
     lim = dict(limits or {}, gpus_per_node=cluster.gpus_per_node)
     configs, skipped = candidate_configs(profile, cluster, lim.get("max_model_len", 2048))
@@ -191,7 +195,7 @@ def alg1(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
         raise g.NoFittingPlacementError(f"no profiled (tp, pp) fits the cluster and memory: {'; '.join(skipped)}")
     units = [g.prefill_unit(tp, pp, lim) for tp, pp in configs] + \
             [g.decode_unit(tp, pp, lim, same_node=False) for tp, pp in configs]
-    scored = g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs,
+    scored = g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs, prune=prune,
                          progress=(lambda i, n: progress("alg1", i, n)) if progress else None)
     pre, dec = _rank(scored[:len(configs)]), _rank(scored[len(configs):])
     _check_slo(pre, "prefill", slo)
@@ -253,6 +257,7 @@ def alg2(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
     phase_units = {s: (g.prefill_unit(s[1], s[2], lim) if s[0] == "p" else g.decode_unit(s[1], s[2], lim, same_node=True))
                    for s in sorted(shapes)}
     alone = dict(zip(phase_units, g.score_all(list(phase_units.values()), profile, work, slo, target, rel_tol=rel_tol,
+                                              prune=not exhaustive,
                                               jobs=jobs, progress=(lambda i, n: progress("alg2 phases", i, n))
                                               if progress else None)))
     nsim = sum(s.num_evals for s in alone.values())
@@ -263,27 +268,38 @@ def alg2(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
         p, d, k = pair
         return min(alone[("p", p[0], k * p[1])].goodput, alone[("d", d[0], k * d[1])].goodput) / (
             k * (p[0] * p[1] + d[0] * d[1]))
-    pairs.sort(key=bound, reverse=True)
+    def loose(pair) -> bool:  # a phase's goodput is only an upper bound (pruned)
+        p, d, k = pair
+        return alone[("p", p[0], k * p[1])].pruned or alone[("d", d[0], k * d[1])].pruned
+
+    # Pairs of exactly scored phases first (their bounds are tight, so the first joint scores set a
+    # good incumbent), each group best bound first; a pair whose bound cannot beat the best joint
+    # goodput found is skipped.
+    pairs.sort(key=lambda pr: (loose(pr), -bound(pr)))
     scored: list[g.Scored] = []
     pair_of: dict[int, tuple] = {}  # id(scored) -> its (prefill segment, decode segment, inter-op degree)
     best = 0.0
     i = 0
     while i < len(pairs):
-        if not exhaustive and bound(pairs[i]) <= best * (1 + rel_tol):
+        batch = []
+        while i < len(pairs) and (exhaustive or len(batch) < max(1, jobs)):
+            if exhaustive or bound(pairs[i]) > best * (1 + rel_tol):
+                batch.append(pairs[i])
+            i += 1
+        if not batch:
             break
-        batch = pairs[i:i + max(1, jobs)] if not exhaustive else pairs[i:]
         units = [g.pair_unit(p, d, k, lim) for p, d, k in batch]
-        got = g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs)
+        got = g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs, prune=not exhaustive,
+                          beat={"pair": best} if best > 0 else None)
         scored += got
         pair_of.update({id(s): pr for s, pr in zip(got, batch)})
         nsim += sum(s.num_evals for s in got)
-        best = max([best] + [s.per_gpu for s in got])
-        i += len(batch)
+        best = max([best] + [s.per_gpu for s in got if not s.pruned])
         if progress:
             progress("alg2 pairs", i, len(pairs))
-    if i < len(pairs):
-        logging.info("alg2: %d of %d pairs pruned (their phase-alone bound <= the best joint %.4f req/s/GPU)",
-                     len(pairs) - i, len(pairs), best)
+    if len(scored) < len(pairs):
+        logging.info("alg2: %d of %d pairs not simulated (their phase-alone bound <= the best joint %.4f req/s/GPU)",
+                     len(pairs) - len(scored), len(pairs), best)
     ranked = _rank(scored)
     plan = Plan("alg2", rate, None, None, ranked, skipped=sorted(set(skipped)), num_simulations=nsim)
     plan.prefill = _rank([v for s, v in alone.items() if s[0] == "p"])
@@ -303,7 +319,8 @@ def alg2(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: f
 
 def baselines(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, rate: float, *, target: float = 0.9,
               limits: dict | None = None, jobs: int = 1, rel_tol: float = 0.01, verify: g.Workload | None = None,
-              modes: tuple[str, ...] = ("colocated", "chunked"), progress: Progress | None = None) -> dict[str, Plan]:
+              modes: tuple[str, ...] = ("colocated", "chunked"), progress: Progress | None = None,
+              prune: bool = True) -> dict[str, Plan]:
     """The colocated and chunked searches: best tp per GPU, replicated ceil(R / goodput) times."""
     lim = dict(limits or {}, gpus_per_node=cluster.gpus_per_node)
     configs, skipped = candidate_configs(profile, cluster, lim.get("max_model_len", 2048), pp_values=(1,))
@@ -311,7 +328,7 @@ def baselines(profile: Profile, cluster: Cluster, work: g.Workload, slo: SLO, ra
     for mode in modes:
         t0 = time.perf_counter()
         units = [g.replica_unit(mode, tp, lim) for tp, _ in configs]
-        ranked = _rank(g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs,
+        ranked = _rank(g.score_all(units, profile, work, slo, target, rel_tol=rel_tol, jobs=jobs, prune=prune,
                                    progress=(lambda i, n, mode=mode: progress(mode, i, n)) if progress else None))
         plan = Plan(mode, rate, None, None, ranked, skipped=skipped, num_simulations=sum(s.num_evals for s in ranked))
         if ranked and ranked[0].goodput > 0:
@@ -331,7 +348,7 @@ def summary(plan: Plan) -> dict:
     """A JSON-able digest of a plan (what the CLI prints and the benchmarks record)."""
     def row(s: g.Scored) -> dict:
         return {"unit": s.unit.describe(), "kind": s.unit.kind, "gpus": s.unit.num_gpus, "goodput": s.goodput,
-                "per_gpu_goodput": s.per_gpu, "evaluations": s.num_evals, "note": s.note}
+                "per_gpu_goodput": s.per_gpu, "evaluations": s.num_evals, "note": s.note, "pruned": s.pruned}
     return {"algorithm": plan.algorithm, "rate": plan.rate,
             "placement": plan.placement.describe() if plan.placement else None,
             "num_gpus": plan.placement.num_devices if plan.placement else None,

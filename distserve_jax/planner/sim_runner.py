@@ -21,7 +21,8 @@ from typing import Any, Callable, Sequence
 
 from distserve_jax.step_types import SampleResult
 
-_SAMPLE = SampleResult(0, 0.0, {})
+SAMPLE_TOKEN = 0  # every simulated sample (lengths come from max_tokens)
+_SAMPLE = SampleResult(SAMPLE_TOKEN, 0.0, {})
 
 
 class VirtualClock:
@@ -63,6 +64,10 @@ class InstantModel:
 
     @staticmethod
     def stage_time(works: Sequence[Any]) -> float:
+        return 0.0
+
+    @staticmethod
+    def decode_time(num_rows: int, sum_ctx: int) -> float:
         return 0.0
 
 

@@ -19,6 +19,15 @@ controller's clock is the simulator's `now`. `lockstep=True` instead mirrors
 `ThreadsExecutor(start=False)`: each `poll` gives every worker one turn, in order, the clock
 advancing through them one after the other (the deterministic replay of a real run).
 
+Fast-forward (`fast_forward`): when `can_fast_forward` is set (a callable: whether the
+controller's state lets workers skip ahead; `run` sets it to "no request waits for a decode
+instance"), a worker whose next turns are decode-only gets them planned at once (a `Stretch`);
+its next heap turn is the stretch's end. The stretch's turns are applied (and their events
+emitted) lazily: at its end; when a command reaches the worker (cut at the turn in progress,
+except a `Finish` of a request it no longer holds); at an instant whose events the controller
+may act on with this worker's state (anything but tokens, reports and landed pulls); and at
+every instant while a request waits for a decode instance. The records are the turn-by-turn ones.
+
 `run(deployment, profile, requests)` replays requests (arrival time, prompt and output lengths)
 through a `Controller` on this executor and returns one `metrics.RequestRecord` per request.
 """
@@ -29,12 +38,13 @@ import collections
 import dataclasses
 import heapq
 import itertools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from distserve_jax.engine import messages as m
 from distserve_jax.engine.controller import Controller
 from distserve_jax.engine.worker import InstanceWorker
 from distserve_jax.metrics import RequestRecord, meets_slo
+from distserve_jax.planner import fast_forward
 from distserve_jax.planner.deployment import Deployment, SimInstance
 from distserve_jax.planner.latency_model import Profile, kv_blocks
 from distserve_jax.planner.sim_runner import SimLink, SimRunner, VirtualClock
@@ -44,6 +54,8 @@ from distserve_jax.scheduler.factory import make_scheduler
 from distserve_jax.scheduler.policies import SchedulerConfig
 
 _TURN, _EVENT = 0, 1
+# Events the controller acts on without reading a decode worker's state (see "Fast-forward").
+_SAFE = frozenset({m.Status, m.Token, m.TokenRun, m.Pulled})
 
 
 class SimulationError(RuntimeError):
@@ -73,13 +85,15 @@ class SimSpec:
 
 
 class _Slot:
-    __slots__ = ("worker", "clock", "inbox", "scheduled", "stalled", "log")
+    __slots__ = ("worker", "clock", "inbox", "scheduled", "stalled", "log", "plan", "epoch")
 
     def __init__(self, clock: VirtualClock, log: list | None):
         self.worker: InstanceWorker | None = None
         self.clock, self.log = clock, log
         self.inbox: collections.deque = collections.deque()
         self.scheduled = self.stalled = False
+        self.plan: fast_forward.Stretch | None = None  # planned decode-only turns not all applied yet
+        self.epoch = 0  # turns in the heap scheduled under another epoch are void (a plan was cut)
 
 
 class SimExecutor:
@@ -103,6 +117,9 @@ class SimExecutor:
         self._ready: list = []
         self.slots: dict[str, _Slot] = {}
         self.step_logs: dict[str, list] = {}
+        self.can_fast_forward: Callable[[], bool] | None = None
+        self.num_plans = 0  # stretches planned (fast-forward)
+        self._planned: dict[str, _Slot] = {}  # slots with a plan
         self._instances = {i.name: i for i in deployment.instances}
         step_models = step_models or {}
         d = deployment
@@ -124,7 +141,7 @@ class SimExecutor:
                 inst.name, inst.role, runner=runner, blocks=blocks,
                 scheduler=make_scheduler(inst.role, policy, sc, blocks), emit=self._emitter(slot), clock=clock,
                 async_scheduling=d.async_scheduling, tp=inst.tp, pp=inst.pp, devices=inst.devices,
-                kv_pull=(lambda cmd, db: link.pull(cmd.source, list(cmd.source_blocks), db)) if link is not None else None)
+                kv_pull=(lambda cmd, db, link=link: link.pull(cmd.source, list(cmd.source_blocks), db)) if link is not None else None)
             self.slots[inst.name] = slot
 
     def _num_blocks(self, inst: SimInstance) -> int:
@@ -152,6 +169,8 @@ class SimExecutor:
     def send(self, name: str, cmd: Any) -> None:
         slot = self.slots[name]
         slot.inbox.append(cmd)
+        if slot.plan is not None and not (isinstance(cmd, m.Finish) and cmd.request_id not in slot.worker.requests):
+            self._cut(slot, self.now)
         if not self.lockstep and not slot.scheduled:
             self._schedule(slot, max(self.now, slot.clock.t))
 
@@ -163,18 +182,25 @@ class SimExecutor:
                 self._turn(slot, lockstep=True)
                 self.now = slot.clock.t
         elif not self._ready and self._heap:
+            self._check_plans()
             t = self._heap[0][0]
             self.now = t
             n = 0
             while self._heap and self._heap[0][0] <= t:
                 _, _, kind, x = heapq.heappop(self._heap)
                 if kind == _TURN:
-                    self._turn(x)
+                    slot, epoch = x
+                    if epoch != slot.epoch:
+                        continue
+                    self._turn(slot)
                     n += 1
                     if n > 100_000:
                         raise SimulationError(f"over {n} worker turns at t={t}: a worker steps without time passing")
                 else:
                     self._ready.append(x)
+            if self._planned and any(type(e) not in _SAFE for e in self._ready):
+                for slot in self._planned.values():
+                    slot.plan.apply(slot.plan.ended_by(t))
         out, self._ready = self._ready, []
         return out
 
@@ -195,11 +221,12 @@ class SimExecutor:
         """Moves the clock to `t` (an arrival), which must not pass anything scheduled."""
         if t < self.now or (self._heap and t > self._heap[0][0]) or self._ready:
             raise SimulationError(f"cannot advance to {t} (now {self.now}, next {self.next_time()})")
+        self._check_plans()
         self.now = t
 
     def _schedule(self, slot: _Slot, t: float) -> None:
         slot.scheduled = True
-        heapq.heappush(self._heap, (t, next(self._seq), _TURN, slot))
+        heapq.heappush(self._heap, (t, next(self._seq), _TURN, (slot, slot.epoch)))
 
     def _emitter(self, slot: _Slot):
         def emit(e: Any) -> None:
@@ -214,6 +241,10 @@ class SimExecutor:
         """One iteration of a worker's loop (`ThreadsExecutor._iterate`)."""
         slot.scheduled = False
         w = slot.worker
+        if slot.plan is not None:  # the end of a stretch: its last turns
+            p, slot.plan = slot.plan, None
+            del self._planned[w.name]
+            p.apply(p.k)
         if slot.clock.t < self.now:
             slot.clock.t = self.now
         handled = synced = False
@@ -226,9 +257,34 @@ class SimExecutor:
             slot.worker.emit(m.Status(w.load()))
         if synced and lockstep:
             return  # as ThreadsExecutor(start=False): a turn that answers a Sync does not step
+        if not lockstep and self.can_fast_forward is not None and self.can_fast_forward():
+            p = fast_forward.plan(w, w.runner)
+            if p is not None:
+                slot.plan, slot.stalled = p, False
+                self._planned[w.name] = slot
+                self.num_plans += 1
+                self._schedule(slot, p.end)
+                return
         slot.stalled = w.has_work() and not w.step()
         if not lockstep and w.has_work() and not slot.stalled:
             self._schedule(slot, slot.clock.t)
+
+    def _check_plans(self) -> None:
+        """Before time moves on: once the controller has a request waiting for a decode instance, every
+        stretch ends at its turn in progress (the controller retries at every report from then on)."""
+        if self._planned and not self.can_fast_forward():
+            for slot in list(self._planned.values()):
+                self._cut(slot, self.now)
+
+    def _cut(self, slot: _Slot, t: float) -> None:
+        """Ends a worker's stretch at its turn in progress at `t` (applied); its next turn is a real one."""
+        p, slot.plan = slot.plan, None
+        del self._planned[slot.worker.name]
+        j = p.started_by(t)
+        p.apply(j - 1)  # the turns ended by t: their events now
+        p.apply(j)  # the turn in progress: its events when it ends
+        slot.epoch += 1
+        self._schedule(slot, p.times[j - 1])
 
 
 def make_controller(executor: SimExecutor) -> Controller:
@@ -251,17 +307,21 @@ def to_record(request_id: str, prompt_len: int, out: Any) -> RequestRecord:
 
 def run(deployment: Deployment, profile: Profile, requests: Sequence[SimRequest], *,
         step_models: dict[str, Any] | None = None, record_steps: bool = False,
-        executor: SimExecutor | None = None, stop_after: tuple[Any, int] | None = None) -> list[RequestRecord]:
+        executor: SimExecutor | None = None, stop_after: tuple[Any, int] | None = None,
+        fast_forward: bool = True) -> list[RequestRecord]:
     """Serves `requests` on the simulated `deployment`; one record per request, in input order.
 
     A request the engine refuses (longer than an instance's KV cache) gets a record that never
     completed (it misses every SLO), as the server would answer it with an error.
     `stop_after=(slo, k)` ends the simulation as soon as more than k finished requests missed
     `slo` (a goodput search needs no more to know a rate fails); the requests not finished by then
-    get records that never completed.
+    get records that never completed. `fast_forward=False` steps every worker turn by turn (the same
+    records, slower; see the module docstring).
     """
     ex = executor or SimExecutor(deployment, profile, step_models=step_models, record_steps=record_steps)
     ctrl = make_controller(ex)
+    if fast_forward and not ex.lockstep:
+        ex.can_fast_forward = lambda: not ctrl.migration_queue
     order = sorted(range(len(requests)), key=lambda k: requests[k].arrival_time)
     records: list[RequestRecord | None] = [None] * len(requests)
     params: dict[int, SamplingParams] = {}

@@ -82,3 +82,22 @@ def test_bad_inputs_are_named_errors(work):
         search.alg2(profile(), search.Cluster(1, 1), work, SLO_, rate=10.0, limits=LIMITS)  # cannot pair
     plan = search.alg1(profile(), search.Cluster(1, 4), work, SLO_, rate=5000.0, limits=LIMITS)
     assert plan.placement is None and "GPUs" in plan.error
+
+
+def test_pruning_keeps_each_phases_best_with_fewer_simulations(work):
+    g._CACHE.clear()
+    full = search.alg1(profile(), search.Cluster(4, 4), work, SLO_, rate=500.0, limits=LIMITS, prune=False)
+    g._CACHE.clear()
+    pruned = search.alg1(profile(), search.Cluster(4, 4), work, SLO_, rate=500.0, limits=LIMITS)
+    for a, b in ((full.prefill, pruned.prefill), (full.decode, pruned.decode)):
+        assert b[0].unit == a[0].unit and b[0].goodput == pytest.approx(a[0].goodput, rel=0.01) and not b[0].pruned
+        assert any(s.pruned for s in b) and not any(s.pruned for s in a)
+        for s in b:  # a pruned candidate's goodput is an upper bound of its real one, below the best
+            if s.pruned:
+                real = next(x for x in a if x.unit == s.unit)
+                assert real.goodput <= s.goodput and real.per_gpu <= a[0].per_gpu * 1.01
+    assert pruned.num_simulations < full.num_simulations
+    assert pruned.placement.describe() == full.placement.describe()
+    # Scores are memoized: the same search again simulates only the placement check.
+    again = search.alg1(profile(), search.Cluster(4, 4), work, SLO_, rate=500.0, limits=LIMITS)
+    assert [s.goodput for s in again.prefill] == [s.goodput for s in pruned.prefill]
