@@ -39,6 +39,7 @@ from absl import logging
 from distserve_jax.engine import messages as m
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
 from distserve_jax.engine.validation import build_request
+from distserve_jax.engine.workload_monitor import WorkloadMonitor
 from distserve_jax.sampling_params import SamplingParams
 from distserve_jax.scheduler.request import Request, RequestStatus
 from distserve_jax.scheduler.routing import blocks_for, pick_decode, pick_prefill, tokens_to_accept
@@ -114,6 +115,7 @@ class Controller:
         self.host_seconds = 0.0  # time step() spent applying events and dispatching pulls
         self.num_events = 0
         self._dead: EngineDeadError | None = None
+        self.monitor = WorkloadMonitor(self.clock())  # arrivals and completions (the replanner reads it)
         self.quiesce()  # every worker's first report: sizes for validation and routing
 
     # ------------------------------------------------------------ requests
@@ -146,6 +148,7 @@ class Controller:
         self._tracked[tr.key] = tr
         self._key_of[request_id] = tr.key
         self.outputs.add(request_id, req.prompt_token_ids, req.sampling)
+        self.monitor.on_arrival(req.arrival_time, len(req.prompt_token_ids))
         self._admit(tr)
         return req
 
@@ -315,6 +318,7 @@ class Controller:
                                           prompt_logprobs=e.prompt_logprobs)
         if reason is not None:
             r.finish_time = e.time
+            self.monitor.on_finish(e.time, len(r.prompt_token_ids), len(r.output_token_ids))
             ro.metrics = request_metrics(r)
             self._end(tr, reason)
         elif r.status is RequestStatus.WAITING:
