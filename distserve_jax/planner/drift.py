@@ -50,11 +50,11 @@ class DriftThresholds:
 
     def __post_init__(self):
         if not (math.isfinite(self.rate_ratio) and self.rate_ratio > 1):
-            raise ValueError(f"drift rate_ratio must be > 1, got {self.rate_ratio!r}")
+            raise ValueError(f"rate_ratio must be > 1, got {self.rate_ratio!r}")
         if not 0 < self.distance < 1:
-            raise ValueError(f"drift distance must be in (0, 1), got {self.distance!r}")
+            raise ValueError(f"distance must be in (0, 1), got {self.distance!r}")
         if isinstance(self.min_requests, bool) or not isinstance(self.min_requests, int) or self.min_requests < 1:
-            raise ValueError(f"drift min_requests must be a positive integer, got {self.min_requests!r}")
+            raise ValueError(f"min_requests must be a positive integer, got {self.min_requests!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -65,25 +65,25 @@ class ReplanSettings:
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and \
                 (v >= 0 if allow_zero else v > 0)
             if not ok:
-                raise ReplanSettingsError(f"replan {name} must be a {'non-negative' if allow_zero else 'positive'} "
+                raise ReplanSettingsError(f"replan_{name} must be a {'non-negative' if allow_zero else 'positive'} "
                                           f"number of seconds, got {v!r}")
         for name in ("interval_s", "window_s", "drain_s"):
             positive(name)
         for name in ("dwell_s", "startup_s"):
             positive(name, allow_zero=True)
         if not (isinstance(self.min_gain, (int, float)) and 0 < self.min_gain < 10):
-            raise ReplanSettingsError(f"replan min_gain must be in (0, 10) (a relative per-device goodput gain), "
+            raise ReplanSettingsError(f"replan_min_gain must be in (0, 10) (a relative goodput gain: 0.1 = +10%), "
                                       f"got {self.min_gain!r}")
         if self.window_s < self.interval_s:
-            raise ReplanSettingsError(f"replan window_s ({self.window_s}) must be >= interval_s ({self.interval_s})")
+            raise ReplanSettingsError(f"replan_window_s ({self.window_s}) must be >= replan_interval_s ({self.interval_s})")
         for name in ("confirm", "min_requests", "num_requests"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ReplanSettingsError(f"replan {name} must be a positive integer, got {v!r}")
+                raise ReplanSettingsError(f"replan_{name} must be a positive integer, got {v!r}")
         try:
             self.thresholds
         except ValueError as e:
-            raise ReplanSettingsError(f"replan {e}") from None
+            raise ReplanSettingsError(f"replan_{e}") from None
 
     @property
     def thresholds(self) -> dr.DriftThresholds:
