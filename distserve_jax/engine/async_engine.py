@@ -136,6 +136,11 @@ class AsyncEngine:
         """The core's live state (queues, free blocks per instance), read on the engine thread."""
         return await asyncio.wrap_future(self._submit(self.core.info))
 
+    async def apply_placement(self, target: Any) -> Any:
+        """Starts a live placement change (`Controller.apply_placement`) on the engine thread and
+        returns its `PlacementChange`; the engine thread moves it on while it serves."""
+        return await asyncio.wrap_future(self._submit(lambda: self.core.apply_placement(target)))
+
     def num_in_flight(self) -> int:
         with self._lock:
             return len(self._streams)
@@ -214,7 +219,7 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._run_commands()
-                if self.core.has_unfinished_requests():
+                if self.core.has_unfinished_requests() or getattr(self.core, "changing_placement", False):
                     for out in self.core.step():
                         self._deliver(out)
                 else:

@@ -23,6 +23,10 @@ depends only on a request's seed and position, so a stream goes on unchanged), a
 `max_recomputes` times each; a pull whose source is gone (`PullFailed`) is recomputed the same
 way. The engine keeps serving on the rest; when no worker is left for a phase and the executor
 does not restart workers, `step()` raises `EngineDeadError`.
+
+`apply_placement(target)` changes the deployment while it serves (`live_placement`): new
+instances start first, leaving ones stop taking requests once they joined, finish what they hold
+and are removed; `step()` moves the change on, `placement_change` and `info()` report it.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from absl import logging
 
 from distserve_jax.engine import messages as m
 from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
+from distserve_jax.engine.live_placement import LivePlacement
+from distserve_jax.engine.placement_change import ChangeRun, LiveInstance, PlacementChange
 from distserve_jax.engine.validation import build_request
 from distserve_jax.engine.workload_monitor import WorkloadMonitor
 from distserve_jax.sampling_params import SamplingParams
@@ -69,7 +75,7 @@ class _Tracked:
     num_recomputes: int = 0  # times a lost worker made it start over from a prefill
 
 
-class Controller:
+class Controller(LivePlacement):
     """Engine core over workers (the `EngineCore` interface of `AsyncEngine` and `LLM`).
 
     Args:
@@ -80,11 +86,14 @@ class Controller:
       mode, placement: what `info()` reports.
       seed: for request seeds not given.
       clock: seconds; `time.perf_counter` for real workers, a virtual clock in simulation.
+      layout: `(name, role, tp, pp, device indices or None)` per worker, what `current_placement()`
+        starts from; by default read from the workers' first reports.
     """
 
     def __init__(self, spec: ModelSpec, executor: Any, roles: dict[str, str], *, max_model_len: int,
                  mode: str, placement: str, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
-                 poll_timeout: float = 0.05, max_recomputes: int = 2):
+                 poll_timeout: float = 0.05, max_recomputes: int = 2,
+                 layout: Sequence[tuple[str, str, int, int, tuple[int, ...] | None]] | None = None):
         self.spec, self.executor, self.roles = spec, executor, dict(roles)
         self.mode, self.placement = mode, placement
         self.max_model_len = max_model_len
@@ -115,8 +124,18 @@ class Controller:
         self.host_seconds = 0.0  # time step() spent applying events and dispatching pulls
         self.num_events = 0
         self._dead: EngineDeadError | None = None
+        self.placement_change: PlacementChange | None = None  # the change in progress, or the last one
+        self.placement_changes: collections.Counter = collections.Counter()  # finished changes by state
+        self._change: ChangeRun | None = None
+        self._names_used = set(roles)  # a new instance never takes the name of an old one
         self.monitor = WorkloadMonitor(self.clock())  # arrivals and completions (the replanner reads it)
         self.quiesce()  # every worker's first report: sizes for validation and routing
+        fixed = bool(getattr(executor, "fixed_devices", False))
+        self._layout: dict[str, LiveInstance] = {
+            n: LiveInstance(n, r, tp, pp, tuple(d) if d is not None and fixed else None)
+            for n, r, tp, pp, d in (layout if layout is not None else
+                                    [(n, r, self.loads[n].tp, self.loads[n].pp, self.loads[n].devices)
+                                     for n, r in self.roles.items()])}
 
     # ------------------------------------------------------------ requests
     @property
@@ -174,11 +193,17 @@ class Controller:
         return m.RequestState(tr.key, tuple(r.prompt_token_ids), tuple(r.output_token_ids), r.sampling, r.seed,
                               r.max_tokens, r.arrival_time, num_computed, r.num_preemptions)
 
+    def _draining(self) -> set[str]:
+        return self._change.draining if self._change is not None else set()
+
     def _admit(self, tr: _Tracked) -> None:
-        names = self.prefill_workers
+        draining = self._draining()
+        names = [n for n in self.prefill_workers if n not in draining]
         i = pick_prefill([self._queued[n] for n in names], [self.loads[n].alive for n in names])
         if i is None:
-            if self.restartable:  # a restarted worker takes it (`WorkerJoined`)
+            coming = self._change is not None and any(
+                i.role != "decode" for i in (*self._change.waiting.values(), *self._change.starting.values()))
+            if self.restartable or coming:  # a restarted or new worker takes it (`WorkerJoined`)
                 tr.req.status = RequestStatus.WAITING
                 self._parked.append(tr)
             else:
@@ -205,7 +230,7 @@ class Controller:
         if tr in self._parked:
             self._parked.remove(tr)
         for name in tr.holders:
-            if self.loads[name].alive:
+            if name in self.loads and self.loads[name].alive:
                 self.executor.send(name, m.Finish(tr.key, reason))
         tr.holders.clear()
 
@@ -233,6 +258,8 @@ class Controller:
         for e in events:
             self._on_event(e)
         self._dispatch_pulls()
+        if self._change is not None:
+            self._progress_change()
         self.host_seconds += time.perf_counter() - t0  # host work only (not the wait), for `info()`
         self.num_events += len(events)
         out, self._pending_outputs = self._pending_outputs, []
@@ -241,6 +268,12 @@ class Controller:
         return out
 
     def _on_event(self, e: Any) -> None:
+        if isinstance(e, (m.WorkerJoined, m.WorkerFailed)) and self._change is not None:
+            if self._on_new_worker_event(e):
+                return
+        name = e.load.name if isinstance(e, (m.Status, m.Synced, m.WorkerJoined)) else getattr(e, "worker", None)
+        if name is not None and name not in self.roles:
+            return  # a removed worker's last reports
         if isinstance(e, m.Status):
             self.loads[e.load.name] = e.load if self.loads.get(e.load.name, e.load).alive else \
                 dataclasses.replace(e.load, alive=False)
@@ -327,7 +360,8 @@ class Controller:
 
     def _dispatch_pulls(self) -> None:
         """FCFS: each prefilled request goes to the least loaded decode worker with room."""
-        names = self.decode_workers
+        draining = self._draining()
+        names = [n for n in self.decode_workers if n not in draining]
         while self.migration_queue:
             tr = self.migration_queue[0]
             loads = [dataclasses.replace(self.loads[n], alive=False) if n in self._refused else self.loads[n]
@@ -404,6 +438,8 @@ class Controller:
 
     def warmup(self) -> int:
         """Compiles every step bucket of every worker and every pull size of every worker pair."""
+        if hasattr(self.executor, "warm_new_workers"):
+            self.executor.warm_new_workers = True  # instances added later compile before they join
         return sum(s.warmed_shapes for s in self.quiesce(warmup=True).values())
 
     @property
@@ -416,9 +452,13 @@ class Controller:
         for e in self.executor.poll(0):  # reports that arrived while no request was in flight
             self._on_event(e)
         extra = getattr(self.executor, "instance_info", lambda: {})()
+        change = self.placement_change
         return {"mode": self.mode, "placement": self.placement, "max_model_len": self.max_model_len,
+                "placement_change": change.info() if change is not None else None,
+                "placement_changes": dict(self.placement_changes),
                 "executor": getattr(self.executor, "kind", "threads"),
-                "instances": [{**self.loads[n].info(), **extra.get(n, {})} for n in self.roles],
+                "instances": [{**self.loads[n].info(), **extra.get(n, {}), "leaving": n in self._draining()}
+                              for n in self.roles],
                 "num_waiting_migration": len(self.migration_queue),
                 "num_migrating": sum(t.req.status is RequestStatus.MIGRATING for t in self._tracked.values()),
                 "migrated_bytes": self.migrated_bytes, "num_worker_failures": len(self.failures),

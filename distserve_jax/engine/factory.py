@@ -62,6 +62,9 @@ def build_core(model: str | ModelSpec, *, mode: str = "disaggregated", placement
             placement = Placement.from_yaml(placement)
         assigned = placement.assign(devices, spec.config)  # validates before anything is built
         instances = [(a.name, a.role, a.spec.tp, a.spec.pp, a.stages) for a in assigned]
+        index = {id(d): i for i, d in enumerate(devices)}
+        layout = [(a.name, a.role, a.spec.tp, a.spec.pp, tuple(index[id(d)] for s in a.stages for d in s))
+                  for a in assigned]
         desc = placement.describe()
     else:
         spec.config.validate_tp(tp)
@@ -71,20 +74,21 @@ def build_core(model: str | ModelSpec, *, mode: str = "disaggregated", placement
         instances = [(f"{mode}-{i}", "colocated", tp, 1, (tuple(devices[i * tp:(i + 1) * tp]),))
                      for i in range(replicas)]
         desc = f"{replicas}x{mode}(tp{tp})" if replicas > 1 else f"{mode}(tp{tp})"
+        layout = [(n, r, tp_, 1, tuple(range(i * tp, (i + 1) * tp))) for i, (n, r, tp_, _, _) in enumerate(instances)]
     rc = config.runner_config(spec.config.max_position_embeddings)
     roles = {name: role for name, role, *_ in instances}
     if executor == "ray":
         from distserve_jax.engine.ray_executor import RayExecutor
         ex = RayExecutor(str(model), [(n, r, tp_, pp_) for n, r, tp_, pp_, _ in instances], config,
-                         address=ray_address, on_gpu=jax.default_backend() == "gpu")
+                         address=ray_address, on_gpu=jax.default_backend() == "gpu", num_devices=len(devices))
         clock = time.time  # the workers' clock: comparable across processes (and, synced, hosts)
     else:
         from distserve_jax.engine.threads_executor import ThreadsExecutor
-        ex = ThreadsExecutor(spec, instances, config, clock=time.perf_counter, start=start_workers)
+        ex = ThreadsExecutor(spec, instances, config, clock=time.perf_counter, start=start_workers, devices=devices)
         clock = time.perf_counter
     try:
         return Controller(spec, ex, roles, max_model_len=rc.max_model_len, mode=mode, placement=desc,
-                          seed=config.seed, clock=clock)
+                          seed=config.seed, clock=clock, layout=layout)
     except BaseException:
         ex.shutdown()
         raise

@@ -84,7 +84,7 @@ class RayExecutor:
 
     def __init__(self, model: str, instances: Sequence[tuple[str, str, int, int]], config: EngineConfig, *,
                  address: str | None = None, on_gpu: bool = False, max_restarts: int = 1,
-                 ready_timeout_s: float = 300.0):
+                 ready_timeout_s: float = 300.0, num_devices: int | None = None):
         if address is None:
             os.environ.update(_LOOPBACK_ENV)
         # Ray's C++ failure-signal handler would take SIGTERM from the server's drain (this process's).
@@ -101,6 +101,7 @@ class RayExecutor:
                 start_local_ray()
             self.owns_ray = True
         self.address = address
+        self.num_devices = num_devices  # the device budget a placement change may use (None: no limit)
         self.ready_timeout_s = ready_timeout_s
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self._closing = False

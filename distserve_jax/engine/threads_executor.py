@@ -13,6 +13,12 @@ in the donated pages). A pull from a worker that has failed raises `KVSourceErro
 
 A worker whose command or step raises emits `WorkerFailed` with the requests it held, and its
 thread ends: its cache may be half-updated, so it serves nothing more.
+
+Live placement changes: `add_worker` builds a new instance on devices of the executor's device
+list (a background thread builds it, compiles its steps first once the deployment was warmed up,
+and the controller's next `poll` registers it and reports `WorkerJoined`; without threads it is
+built at once); `remove_worker` stops a drained worker and drops its runner, so its devices can
+host a new instance. Devices are fixed: a device serves one instance at a time.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class _Slot:
         self.lock = threading.Lock()  # the pages lock (see the module docstring)
         self.alive = True
         self.thread: threading.Thread | None = None
+        self.devices: list[Any] = []  # the jax devices it runs on
 
 
 class ThreadsExecutor:
@@ -61,33 +68,128 @@ class ThreadsExecutor:
     """
 
     def __init__(self, spec: ModelSpec, instances: Sequence[tuple[str, str, int, int, Sequence[Sequence[Any]]]],
-                 config: EngineConfig, clock: Callable[[], float] = time.perf_counter, start: bool = True):
+                 config: EngineConfig, clock: Callable[[], float] = time.perf_counter, start: bool = True,
+                 devices: Sequence[Any] | None = None):
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        rc = config.runner_config(spec.config.max_position_embeddings)
-        sc = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
+        self.spec, self.config, self.clock = spec, config, clock
+        self._rc = config.runner_config(spec.config.max_position_embeddings)
+        self._sc = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
+        # The devices instances may use (`add_worker` takes indices into this list).
+        self.device_pool = list(devices) if devices is not None else \
+            list(dict.fromkeys(d for *_, stages in instances for s in stages for d in s))
+        self.num_devices = len(self.device_pool)
+        self.warm_new_workers = False  # set by `Controller.warmup`
         self.slots: dict[str, _Slot] = {}
+        self._built: queue.SimpleQueue = queue.SimpleQueue()  # (name, slot or error) from add_worker threads
+        self._adding: dict[str, set[int]] = {}  # being built -> the ids of its devices
         self._migrators: dict[tuple[str, str], KVMigrator] = {}
         self._migrators_lock = threading.Lock()
         for name, role, tp, pp, stages in instances:
-            runner = ModelRunner(spec.config, [make_mesh(list(s)) for s in stages], spec.weights, rc)
-            blocks = BlockManager(runner.num_blocks, rc.block_size)
-            sched = make_scheduler(role, config.policy, sc, blocks)
-            devices = tuple(d.id for s in stages for d in s)
-            slot = _Slot(None)  # type: ignore[arg-type]
-            worker = InstanceWorker(
-                name, role, runner=runner, blocks=blocks, scheduler=sched, emit=self.events.put, clock=clock,
-                async_scheduling=config.async_scheduling, tp=tp, pp=pp, devices=devices,
-                kv_pull=(lambda cmd, db, name=name: self._pull(cmd.source, name, list(cmd.source_blocks), db))
-                if role == "decode" else None,
-                warmup=lambda name=name, role=role: self._warmup(name, role), pages_lock=slot.lock)
-            slot.worker = worker
-            self.slots[name] = slot
-            logging.info("%s: %s tp=%d pp=%d on devices %s, %d KV blocks", name, role, tp, pp, list(devices),
-                         blocks.num_total)
+            self.slots[name] = self._build(name, role, tp, pp, stages)
         self.threaded = start
-        for name, slot in self.slots.items() if start else ():
-            slot.thread = threading.Thread(target=self._run, args=(slot,), name=f"worker-{name}", daemon=True)
-            slot.thread.start()
+        for slot in self.slots.values() if start else ():
+            self._start_thread(slot)
+
+    fixed_devices = True  # an instance runs on devices of `device_pool`, one instance per device
+
+    def _build(self, name: str, role: str, tp: int, pp: int, stages: Sequence[Sequence[Any]]) -> _Slot:
+        runner = ModelRunner(self.spec.config, [make_mesh(list(s)) for s in stages], self.spec.weights, self._rc)
+        blocks = BlockManager(runner.num_blocks, self._rc.block_size)
+        sched = make_scheduler(role, self.config.policy, self._sc, blocks)
+        devices = tuple(d.id for s in stages for d in s)
+        slot = _Slot(None)  # type: ignore[arg-type]
+        slot.devices = [d for s in stages for d in s]
+        slot.worker = InstanceWorker(
+            name, role, runner=runner, blocks=blocks, scheduler=sched, emit=self.events.put, clock=self.clock,
+            async_scheduling=self.config.async_scheduling, tp=tp, pp=pp, devices=devices,
+            kv_pull=(lambda cmd, db, name=name: self._pull(cmd.source, name, list(cmd.source_blocks), db))
+            if role == "decode" else None,
+            warmup=lambda name=name, role=role: self._warmup(name, role), pages_lock=slot.lock)
+        logging.info("%s: %s tp=%d pp=%d on devices %s, %d KV blocks", name, role, tp, pp, list(devices),
+                     blocks.num_total)
+        return slot
+
+    def _start_thread(self, slot: _Slot) -> None:
+        slot.thread = threading.Thread(target=self._run, args=(slot,), name=f"worker-{slot.worker.name}",
+                                       daemon=True)
+        slot.thread.start()
+
+    # ------------------------------------------------------------ live placement changes
+    def add_worker(self, name: str, role: str, tp: int, pp: int, devices: Sequence[Any] | None = None) -> None:
+        """Starts a new instance on `devices` (indices into `device_pool`, or devices; default: the
+        first free ones). It joins (`WorkerJoined`, from a later `poll`) once built (and compiled,
+        if the deployment was warmed up). Raises ValueError for a name in use or devices not free."""
+        if name in self.slots or name in self._adding:
+            raise ValueError(f"a worker named {name!r} already exists")
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"unknown worker role {role!r}")
+        used = {d.id for s in self.slots.values() for d in s.devices}.union(*self._adding.values())
+        if devices is None:
+            devs = [d for d in self.device_pool if d.id not in used][:tp * pp]
+        else:
+            devs = [self.device_pool[d] if isinstance(d, int) else d for d in devices]
+        if len(devs) != tp * pp:
+            raise ValueError(f"{name}: tp={tp}, pp={pp} needs {tp * pp} devices, {len(devs)} are free or given")
+        busy = [d.id for d in devs if d.id in used]
+        if busy:
+            raise ValueError(f"{name}: devices {busy} still serve another instance")
+        stages = [devs[s * tp:(s + 1) * tp] for s in range(pp)]
+        self._adding[name] = {d.id for d in devs}
+
+        def build() -> None:
+            try:
+                slot = self._build(name, role, tp, pp, stages)
+                if self.warm_new_workers:
+                    slot.worker.runner.warmup(slot.worker.warmup_modes)
+                self._built.put((name, slot))
+            except BaseException as e:  # noqa: BLE001 - reported as the new worker's failure
+                logging.exception("building %s failed", name)
+                self._built.put((name, e))
+            self.events.put(None)  # wakes the controller's poll
+
+        if self.threaded:
+            threading.Thread(target=build, name=f"build-{name}", daemon=True).start()
+        else:
+            build()
+
+    def remove_worker(self, name: str, timeout: float = 10.0) -> None:
+        """Stops a worker (the controller calls it once the worker holds nothing) and drops it; a
+        worker still being built is dropped when it is done."""
+        if name in self._adding:
+            del self._adding[name]  # `_register` drops it when its build ends
+            return
+        slot = self.slots.pop(name, None)
+        if slot is None:
+            raise ValueError(f"no worker named {name!r}")
+        slot.inbox.put(STOP)
+        if slot.thread is not None:
+            slot.thread.join(timeout)
+            if slot.thread.is_alive():
+                logging.warning("worker %s did not stop within %.0fs", name, timeout)
+        with slot.lock:
+            slot.alive = False
+        with self._migrators_lock:
+            for key in [k for k in self._migrators if name in k]:
+                del self._migrators[key]
+
+    def _register(self) -> list[Any]:
+        """Controller thread: built workers join (their `WorkerJoined` or `WorkerFailed` events)."""
+        out = []
+        while True:
+            try:
+                name, built = self._built.get_nowait()
+            except queue.Empty:
+                return out
+            if name not in self._adding:
+                continue  # removed while it was being built
+            del self._adding[name]
+            if isinstance(built, BaseException):
+                out.append(m.WorkerFailed(name, f"{type(built).__name__}: {built}", ()))
+                continue
+            self.slots[name] = built
+            if self.threaded:
+                self._start_thread(built)
+            out.append(m.WorkerJoined(built.worker.load()))
 
     # ------------------------------------------------------------ controller side
     @property
@@ -105,13 +207,16 @@ class ThreadsExecutor:
         if not self.threaded:
             self._drive()
             timeout = 0
-        return m.drain(self.events, timeout or 0)
+        joined = self._register() if self._adding else []
+        events = m.drain(self.events, 0 if joined else timeout or 0)
+        return joined + events + (self._register() if self._adding else [])
 
     def wake(self) -> None:
         """Ends a `poll` that is waiting (a new command for the controller)."""
         self.events.put(None)
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        self._adding.clear()
         for slot in self.slots.values():
             slot.inbox.put(STOP)
         for slot in self.slots.values():
@@ -144,7 +249,7 @@ class ThreadsExecutor:
 
     def _drive(self) -> None:
         """Without threads (`start=False`): one turn of every live worker, in order, on this thread."""
-        for slot in self.slots.values():
+        for slot in list(self.slots.values()):
             if not slot.alive:
                 continue
             try:
@@ -175,7 +280,7 @@ class ThreadsExecutor:
         with slot.lock:
             n = slot.worker.runner.warmup(slot.worker.warmup_modes)
         if role == "decode":
-            for src, s in self.slots.items():
+            for src, s in list(self.slots.items()):
                 if s.worker.role == "prefill":
                     mig = self._migrator(src, name)
                     with s.lock:
