@@ -12,7 +12,7 @@ Owns the decision loop over one controller (`tick()`, called on the engine's loo
       planned for, AND against the workload last checked without a switch, on `confirm`
       consecutive ticks: plan (`WindowPlanner.propose`) on lengths sampled from the window at
       the rate to plan for:
-        max(window rate, rate over the last interval) + backlog / drain_s,
+        max(window rate, rate since the first of those ticks) + backlog / drain_s,
       where the backlog (requests not yet prefilled or waiting for a decode instance) grows at
       (arrival - completion rate) for `startup_s` more while new instances start;
   a proposal: switch (`Controller.apply_placement`) only when its predicted per-device goodput gain > `min_gain`, it
@@ -122,6 +122,7 @@ class Replanner:
         self._job: _Job | None = None
         self._next_check = controller.clock() + settings.interval_s
         self._confirmed = 0
+        self._drift_since: float | None = None  # the first tick of the current run of drifted ones
         self._last_change_end: float | None = None
         self.num_changes = 0
         self.last_drift: dr.Drift | None = None
@@ -155,6 +156,8 @@ class Replanner:
                 self._confirmed = 0
                 return  # the planner already looked at this workload and kept the placement
         self._confirmed += 1
+        if self._confirmed == 1:
+            self._drift_since = now
         if self._confirmed < self.settings.confirm:
             return
         if self._last_change_end is not None and now - self._last_change_end < self.settings.dwell_s:
@@ -167,7 +170,8 @@ class Replanner:
     def rate_to_plan(self, now: float, window: Any) -> float:
         """The rate to size for (see the module docstring)."""
         s = self.settings
-        rate = max(window.rate, window.rate_since(now - s.interval_s))
+        since = self._drift_since if self._drift_since is not None and self._drift_since < now else now - s.interval_s
+        rate = max(window.rate, window.rate_since(since))
         recent = self.ctrl.monitor.window(now, s.interval_s)
         backlog = self.backlog() + s.startup_s * max(0.0, recent.rate - recent.completion_rate)
         return rate + backlog / s.drain_s

@@ -95,12 +95,16 @@ class SimExecutor:
         `stage_time(works)`), replacing the profile's (e.g. `ReplayTimes`, `InstantModel`).
       lockstep: mirror `ThreadsExecutor(start=False)` (see the module docstring).
       record_steps: keep each runner's launched batch compositions (`step_logs`).
+      startup_s: virtual seconds an instance added during a run takes to join.
+      num_devices: the devices a placement change may use (`Controller.apply_placement` refuses more).
     """
 
     def __init__(self, deployment: Deployment, profile: Profile, *, step_models: dict[str, Any] | None = None,
-                 lockstep: bool = False, record_steps: bool = False, startup_s: float = 0.0):
+                 lockstep: bool = False, record_steps: bool = False, startup_s: float = 0.0,
+                 num_devices: int | None = None):
         self.deployment, self.profile, self.lockstep = deployment, profile, lockstep
         self.startup_s = startup_s
+        self.num_devices = num_devices  # the budget a placement change may use (None: no limit)
         self.now = 0.0
         self._heap: list = []
         self._seq = itertools.count()

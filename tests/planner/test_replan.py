@@ -184,3 +184,43 @@ def test_vanished_metrics_and_budget():
     assert len(eng.applied) == 1, rp.log
     assert eng.applied[0].num_devices == 6 and len(eng.applied[0].prefill) == len(eng.applied[0].decode) == 2
     assert "budget of 8 holds" in rp.last_proposal.note
+
+
+def slow_profile():
+    """The search toy at a tenth of its speed: P(tp2) ~21 req/s, D(tp1) ~20 req/s (16-token prompts)."""
+    from distserve_jax.planner.latency_model import Hardware, Profile, StepCoefficients
+    from tests.planner.test_search import DECODE_A, PREFILL_B, TOY_MODEL
+
+    cfg = {(tp, 1): StepCoefficients(prefill=(0.0, 10 * PREFILL_B[tp], 0.0), decode_small=(10 * DECODE_A[tp], 0.0, 0.0),
+                                     decode_large=(10 * DECODE_A[tp], 0.0, 0.0), max_num_tokens=16 * 200)
+           for tp in PREFILL_B}
+    hw = Hardware("toy", gpus_per_node=8, memory_bytes=1, intra_node_gbit_s=1e6, inter_node_gbit_s=1e6)
+    return Profile(TOY_MODEL, hw, cfg, pp_model="measured", name="toy-slow")
+
+
+def test_simulated_step_shift_switches_once_and_recovers():
+    from distserve_jax.metrics import SLO
+    from distserve_jax.planner import deployment as dp
+    from distserve_jax.planner.replan_sim import attainment_over_time, recovery_time, run_with_replanner
+    from distserve_jax.planner.simulator import SimRequest
+
+    slo = SLO(0.5, 0.2)
+    rng = np.random.default_rng(0)
+    arrivals = list(np.cumsum(rng.exponential(1 / 8.0, 200)))  # 8 req/s for ~25 s
+    shift = arrivals[-1]
+    arrivals += list(shift + np.cumsum(rng.exponential(1 / 24.0, 1200)))  # then 3x for ~50 s
+    reqs = [SimRequest(float(t), 16, 8) for t in arrivals]
+    start = dp.build("disaggregated", [("prefill", 2, 1), ("decode", 1, 1)], gpus_per_node=8, **LIMITS)
+    planner = WindowPlanner(slow_profile(), slo, budget=8, limits=LIMITS, num_requests=80)
+    s = ReplanSettings(interval_s=3.0, window_s=9.0, dwell_s=60.0, confirm=2, min_requests=20, startup_s=5.0,
+                       drain_s=10.0, num_requests=80)
+    run = run_with_replanner(start, slow_profile(), reqs, planner=planner, planned_for=dr.PlannedWorkload(
+        8.0, ((16, 8),) * 50), settings=s, startup_s=5.0)
+    assert len(run.records) == len(reqs) and all(r.finish_reason == "length" for r in run.records)  # none lost
+    assert len(run.changes) == 1 and run.changes[0].state == "done" and run.replanner.num_changes == 1
+    assert run.placements[0][1] == "P(tp2)+D(tp1)" and run.placements[-1][1].startswith(("2xP", "3xP"))
+    series = attainment_over_time(run.records, slo, 2.0)
+    assert all(a >= 0.9 for t, a, n in series if t + 2.0 <= shift)  # planned-for load: met
+    assert min(a for t, a, n in series if t >= shift) < 0.5  # the shift overloads one pair
+    rec = recovery_time(series, shift)
+    assert rec is not None and rec <= 5.0 + 20.0, (rec, series, run.replanner.log)  # start-up + 20 s
