@@ -211,7 +211,8 @@ def test_simulated_step_shift_switches_once_and_recovers():
     arrivals += list(shift + np.cumsum(rng.exponential(1 / 24.0, 1200)))  # then 3x for ~50 s
     reqs = [SimRequest(float(t), 16, 8) for t in arrivals]
     start = dp.build("disaggregated", [("prefill", 2, 1), ("decode", 1, 1)], gpus_per_node=8, **LIMITS)
-    planner = WindowPlanner(slow_profile(), slo, budget=8, limits=LIMITS, num_requests=80)
+    planner = WindowPlanner(slow_profile(), slo, budget=8, limits=LIMITS, num_requests=80,
+                            timer=lambda: 0.0)  # the search takes no virtual time: deterministic on any host
     s = ReplanSettings(interval_s=3.0, window_s=9.0, dwell_s=60.0, confirm=2, min_requests=20, startup_s=5.0,
                        drain_s=10.0, num_requests=80)
     run = run_with_replanner(start, slow_profile(), reqs, planner=planner, planned_for=dr.PlannedWorkload(

@@ -33,3 +33,31 @@ def test_off_builds_nothing_and_on_gives_the_settings():
 def test_bad_replan_settings_are_refused_by_name(replan, kw, message):
     with pytest.raises(ValueError, match=message):
         replan_settings(replan, **{**OK, **kw})
+
+
+def test_server_core_with_the_replanner_reports_its_state():
+    # The server's build with --replan=on: the controller wrapped with its replanner (demo model,
+    # the committed demo CPU profile); a few requests later info() carries the window and the
+    # replanner's state (no change: far too little evidence to act on).
+    from distserve_jax.metrics import SLO
+    from distserve_jax.sampling_params import SamplingParams
+    from serving import startup
+
+    settings = replan_settings("on", **{**OK, "placement": "auto", "plan_profile": "configs/profiles/demo-cpu.json"})
+    plan = dict(slo=SLO(2.0, 0.2), rate=1.0, workload="sharegpt", profile_path="configs/profiles/demo-cpu.json")
+    core, placement = startup.build_core("disaggregated", "demo", "auto", False,
+                                        {"max_model_len": 256, "num_blocks": 40, "max_num_seqs": 2}, plan, settings)
+    try:
+        assert core.replanner is not None and core.replanner.planner.budget == 8
+        for i in range(3):
+            core.add_request(f"r{i}", prompt_token_ids=[5, 6, 7 + i],
+                             params=SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+        done = 0
+        while done < 3:
+            done += sum(o.finished for o in core.step())
+        info = core.info()
+        assert (info["workload"]["num_arrivals"], info["workload"]["prompt_len_mean"]) == (3, 3.0)
+        assert info["replanner"]["num_changes"] == 0 and info["replanner"]["planned_rate"] == 1.0
+        assert core.current_placement().describe() == placement.describe()
+    finally:
+        core.shutdown()
