@@ -11,6 +11,8 @@ the handler; closing the engine stream then aborts the request and frees its KV 
 
 from __future__ import annotations
 
+import json
+
 import grpc
 from absl import logging
 
@@ -95,8 +97,14 @@ class DistServeServicer(pb_grpc.DistServeServicer):
         fe = self.frontend
         s = fe.served
         info = await fe.info()
+        change = info.get("placement_change")
+        placement = s.placement
+        if change and info.get("current_placement"):  # changed since start-up: what is served now
+            placement = json.dumps(info["current_placement"], default=str, sort_keys=True)
         return pb.ServerInfo(
-            model=s.name, model_path=s.path, mode=str(info.get("mode") or s.mode), placement=s.placement,
+            model=s.name, model_path=s.path, mode=str(info.get("mode") or s.mode), placement=placement,
+            placement_change=_change_info(change) if change else None,
+            num_placement_changes=sum(int(n) for n in (info.get("placement_changes") or {}).values()),
             max_model_len=int(info.get("max_model_len") or s.max_model_len), max_queue=s.max_queue or 0,
             vocab_size=s.vocab_size, num_in_flight=fe.num_in_flight(), ready=fe.ready,
             max_request_bytes=s.max_request_bytes,
@@ -110,8 +118,19 @@ class DistServeServicer(pb_grpc.DistServeServicer):
                                        busy_fraction=float(i.get("busy_fraction", 0.0)),
                                        alive=bool(i.get("alive", True)), node=str(i.get("node") or ""),
                                        pid=int(i.get("pid") or 0), cores=[int(c) for c in i.get("cores") or []],
-                                       restarts=int(i.get("restarts") or 0))
+                                       restarts=int(i.get("restarts") or 0),
+                                       leaving=bool(i.get("leaving", False)),
+                                       shares_cores_with=[str(n) for n in i.get("shares_cores_with") or []])
                        for i in info.get("instances", [])])
+
+
+def _change_info(change: dict) -> pb.PlacementChangeInfo:
+    return pb.PlacementChangeInfo(target=str(change.get("target") or ""), state=str(change.get("state") or ""),
+                                  added=[str(n) for n in change.get("added") or []],
+                                  removed=[str(n) for n in change.get("removed") or []],
+                                  started_at=float(change.get("started_at") or 0.0),
+                                  finished_at=float(change.get("finished_at") or 0.0),
+                                  error=str(change.get("error") or ""))
 
 
 def add_to_server(servicer: DistServeServicer, server: grpc.aio.Server) -> None:

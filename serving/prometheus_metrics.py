@@ -4,8 +4,10 @@ Owns: TTFT, TPOT, end-to-end, queueing and migration-time histograms; migrated b
 requests by finish reason and rejections by kind; queue length, running requests, KV
 utilisation, busy fraction, liveness and a step-time histogram per instance (refreshed from
 `AsyncEngine.info()`, whose workers keep cumulative step-time bucket counts); SLO attainment over a
-sliding window for each configured SLO; the workload monitor's window (arrival rate, prompt and
-output length statistics) and the replanner's drift, predicted gain and placement changes.
+sliding window for each configured SLO; the placement served (`distserve_placement_info`), a
+placement-change counter by outcome and whether one is in progress (instances a placement change
+removed drop out of the per-instance metrics); the workload monitor's window (arrival rate, prompt
+and output length statistics) and the replanner's drift, predicted gain and placement changes.
 Attainment uses `distserve_jax.metrics.meets_slo`, so it means what the load generator and the
 simulator report. Requests the client aborted are left
 out of the window (they say nothing about the server's latency).
@@ -118,6 +120,9 @@ class ServingMetrics:
                                          "started.", registry=r)
         self._step_hist: dict[tuple[str, str], tuple[list[int], float]] = {}
         r.register(_StepTimeCollector(self))
+        self._instances: set[tuple[str, str]] = set()
+        self._placement: tuple[str, dict[str, int], str | None] = ("", {}, None)  # served, changes, in progress
+        r.register(_PlacementCollector(self))
         self._window: collections.deque[tuple[float, RequestRecord]] = collections.deque()
         self._lock = threading.Lock()
         for name in self.slos:
@@ -158,8 +163,23 @@ class ServingMetrics:
             self.attainment.labels(slo=name).set(value)
 
     def update_instances(self, info: Mapping[str, Any]) -> None:
-        """Sets the per-instance gauges (and the workload / replanner ones) from `AsyncEngine.info()`."""
+        """Sets the per-instance gauges, the placement metrics and the workload / replanner ones from
+        `AsyncEngine.info()`."""
         self.update_workload(info)
+        change = info.get("placement_change") or {}
+        running = change.get("state") if change.get("state") in ("starting", "draining") else None
+        self._placement = (str(info.get("placement") or ""),
+                           {str(k): int(v) for k, v in (info.get("placement_changes") or {}).items()}, running)
+        now = {(str(i["name"]), str(i.get("role", ""))) for i in info.get("instances", [])}
+        for gone in self._instances - now:  # removed by a placement change
+            for g in (self.queue_len, self.running, self.free_blocks, self.kv_util, self.busy, self.alive,
+                      self.restarts):
+                try:
+                    g.remove(*gone)
+                except KeyError:
+                    pass
+            self._step_hist.pop(gone, None)
+        self._instances = now
         for inst in info.get("instances", []):
             labels = {"instance": str(inst["name"]), "role": str(inst.get("role", ""))}
             total = int(inst.get("total_blocks") or 0)
@@ -224,3 +244,29 @@ class _StepTimeCollector:
             bounds = [str(b) for b in STEP_TIME_BUCKETS] + ["+Inf"]
             fam.add_metric([inst, role], list(zip(bounds, counts)), total)
         yield fam
+
+
+class _PlacementCollector:
+    """Exposes `distserve_placement_info{placement}` (1 for the placement served),
+    `distserve_placement_changes_total{state}` (finished changes: done, failed) and
+    `distserve_placement_change_in_progress` (1 while one is starting or draining)."""
+
+    def __init__(self, metrics: ServingMetrics):
+        self._metrics = metrics
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        placement, changes, running = self._metrics._placement
+        info = GaugeMetricFamily("distserve_placement_info", "The placement served now (value 1).",
+                                 labels=["placement"])
+        if placement:
+            info.add_metric([placement], 1.0)
+        yield info
+        counter = CounterMetricFamily("distserve_placement_changes", "Live placement changes finished, by outcome.",
+                                      labels=["state"])
+        for state in ("done", "failed"):
+            counter.add_metric([state], float(changes.get(state, 0)))
+        yield counter
+        yield GaugeMetricFamily("distserve_placement_change_in_progress",
+                                "1 while a placement change is starting or draining.", value=1.0 if running else 0.0)

@@ -119,6 +119,7 @@ class Controller(LivePlacement):
         self.migration_queue: collections.deque[_Tracked] = collections.deque()
         self._parked: collections.deque[_Tracked] = collections.deque()  # waiting for a prefill worker to restart
         self.migrated_bytes = 0
+        self.num_handoffs = 0  # requests a leaving decode worker handed to another one (placement changes)
         self.migration_seconds: list[float] = []
         self.failures: list[tuple[str, str]] = []  # (worker, error)
         self.host_seconds = 0.0  # time step() spent applying events and dispatching pulls
@@ -299,7 +300,8 @@ class Controller(LivePlacement):
             return  # the request ended meanwhile; the worker got (or gets) its Finish
         if isinstance(e, m.Token):
             self._on_token(tr, e)
-        elif isinstance(e, m.Prefilled):
+        elif isinstance(e, m.Prefilled):  # or HandedOff: a leaving decode worker's request, pulled the same way
+            self.num_handoffs += isinstance(e, m.HandedOff)
             tr.source, tr.source_blocks, tr.num_computed_tokens = e.worker, e.block_table, e.num_computed_tokens
             tr.offer = e.offer
             tr.req.status = RequestStatus.WAITING_MIGRATION
@@ -455,13 +457,16 @@ class Controller(LivePlacement):
         change = self.placement_change
         return {"mode": self.mode, "placement": self.placement, "max_model_len": self.max_model_len,
                 "placement_change": change.info() if change is not None else None,
+                "current_placement": dataclasses.asdict(now) if (now := self.current_placement()) else None,
                 "placement_changes": dict(self.placement_changes),
                 "executor": getattr(self.executor, "kind", "threads"),
-                "instances": [{**self.loads[n].info(), **extra.get(n, {}), "leaving": n in self._draining()}
+                "instances": [{**self.loads[n].info(), **extra.get(n, {}),
+                               "leaving": self._change is not None and n in self._change.leaving}
                               for n in self.roles],
                 "num_waiting_migration": len(self.migration_queue),
                 "num_migrating": sum(t.req.status is RequestStatus.MIGRATING for t in self._tracked.values()),
                 "migrated_bytes": self.migrated_bytes, "num_worker_failures": len(self.failures),
+                "num_handoffs": self.num_handoffs,
                 "controller_host_seconds": self.host_seconds, "controller_events": self.num_events}
 
     def shutdown(self) -> None:

@@ -11,7 +11,11 @@ and starts the added instances; `Controller.step()` then moves it on (`_progress
      (`executor.remove_worker`), and the added instances that waited for its devices start;
   4. the change is "done" once nothing is left to start or remove.
 No request is dropped or recomputed on the way: a leaving prefill worker keeps serving the pulls
-of what it prefilled, a leaving decode worker decodes its requests to the end. A new instance that
+of what it prefilled; a leaving decode worker hands its requests off (`HandOff`: it pauses each
+one once its tokens in flight have landed and reports it `HandedOff` with its block table, and a
+remaining decode worker pulls the KV from it like a prefill's; sampling depends only on a
+request's seed and position, so its tokens are the same), or, with `handoff=False` or no other
+decode worker, decodes them to the end. A new instance that
 fails to start fails the change ("failed"; the instances not yet removed serve on).
 
 The mixin reads time only from the controller's clock and talks to workers only by messages.
@@ -28,6 +32,7 @@ from distserve_jax.engine import messages as m
 from distserve_jax.engine.placement import Placement
 from distserve_jax.engine.placement_change import (ChangeRun, LiveInstance, NewInstance, PlacementChange,
                                                    PlacementChangeInProgress, plan_change)
+from distserve_jax.scheduler.request import RequestStatus
 
 
 def _empty(load: m.WorkerLoad) -> bool:
@@ -55,8 +60,12 @@ class LivePlacement:
         return Placement(tuple(i.spec() for i in insts if i.role == "prefill"),
                          tuple(i.spec() for i in insts if i.role == "decode"))
 
-    def apply_placement(self, target: Placement | dict) -> PlacementChange:
+    def apply_placement(self, target: Placement | dict, *, handoff: bool = True) -> PlacementChange:
         """Starts moving to `target` without dropping a request (non-blocking; `step()` moves it on).
+
+        With `handoff`, a leaving decode instance hands its requests to the remaining decode
+        instances (each pulls the request's KV from it, the way it pulls a prefill's), so removing
+        it does not wait for its longest request; without, it decodes them to the end.
 
         Raises `PlacementChangeInProgress` while an earlier change runs, and ValueError (before
         anything changes) for a target this engine cannot serve: no instance for a phase, more
@@ -90,7 +99,7 @@ class LivePlacement:
                                  self.clock())
         blocking = set().union(*(i.waits_for for i in plan.added))
         run = ChangeRun(change, target, waiting={i.name: i for i in plan.added if i.waits_for}, starting={},
-                        leaving=set(plan.removed), draining=blocking)
+                        leaving=set(plan.removed), draining=blocking, handoff=bool(handoff))
         self._change, self.placement_change = run, change
         logging.info("placement change %s -> %s: adding %s, removing %s (kept %s)", self.placement,
                      change.target_desc, list(change.added), list(change.removed), list(plan.kept))
@@ -145,6 +154,8 @@ class LivePlacement:
         run = self._change
         if not run.starting:  # every started instance serves: the leaving ones take no more requests
             run.draining |= run.leaving
+        if run.handoff:
+            self._hand_off(run)
         for name in sorted(run.draining & run.leaving):
             if not self.loads[name].alive:
                 self._remove(name)  # it failed: what it held was recomputed or failed already
@@ -181,6 +192,20 @@ class LivePlacement:
             self._change = None
             logging.info("placement change to %s done in %.2fs", self.placement_change.target_desc,
                          self.placement_change.finished_at - self.placement_change.started_at)
+
+    def _hand_off(self, run: ChangeRun) -> None:
+        """Asks each draining decode worker to hand off the requests it decodes (or is pulling),
+        once a decode worker that stays can take them."""
+        draining = [n for n in run.draining if self.roles.get(n) == "decode" and self.loads[n].alive]
+        if not draining or not any(self.loads[n].alive for n in self.decode_workers if n not in run.draining):
+            return
+        for tr in self._tracked.values():
+            if tr.key in run.handed or tr.req.status not in (RequestStatus.RUNNING, RequestStatus.MIGRATING):
+                continue
+            for name in draining:
+                if name in tr.holders and tr.source != name:
+                    run.handed.add(tr.key)
+                    self.executor.send(name, m.HandOff(tr.key))
 
     def _remove(self, name: str) -> None:
         run = self._change

@@ -10,11 +10,15 @@ Commands (controller -> worker):
   - `Pull`: pull a prefilled request's KV from a prefill worker and decode it (decode worker).
   - `Release`: a decode worker holds the request's KV now; free it here (prefill worker).
   - `Finish`: the request ended (stop, length, abort): drop it wherever it is here.
+  - `HandOff`: stop decoding the request and offer its KV for another decode worker to pull
+    (a decode worker leaving in a placement change).
   - `Sync`: answer with `Synced` once every earlier command is applied (and warm up if asked).
 
 Events (worker -> controller):
   - `Token`: a sampled token (the first token of a prefill, or a decode token).
   - `Prefilled`: the request's prompt KV is in this prefill worker's cache, ready to pull.
+  - `HandedOff` (a `Prefilled`): a decode worker stopped decoding the request after `HandOff`;
+    its KV so far is ready to pull from there, the same way.
   - `Pulled` / `PullRefused` / `PullFailed`: a decode worker finished a pull, had no room for it,
     or could not get the KV (the source is gone: the request is recomputed).
   - `Preempted`: a full decode cache evicted the request; it must be recomputed by a prefill.
@@ -74,6 +78,11 @@ class Release:
 class Finish:
     request_id: str
     reason: str  # "stop", "length", "abort" or "error"
+
+
+@dataclasses.dataclass(frozen=True)
+class HandOff:
+    request_id: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +162,12 @@ class Prefilled:
     block_table: tuple[int, ...]
     num_computed_tokens: int
     offer: Any = None  # across processes: where and how to pull the KV (`kv_offer.KVOffer`)
+
+
+@dataclasses.dataclass(frozen=True)
+class HandedOff(Prefilled):
+    """A decode worker's request, paused after `HandOff`, ready to pull: `num_computed_tokens` is
+    prompt + outputs - 1 (the last token's KV is written by the next step, wherever it runs)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,9 +138,8 @@ def plan_change(current: Sequence[LiveInstance], target: Placement, *, num_devic
         taken.add(name)
         return name
 
-    pinned = fixed_devices
-    explicit = [(r, s) for r, s in new if pinned and s.devices is not None]
-    implicit = [(r, s) for r, s in new if not (pinned and s.devices is not None)]
+    explicit = [(r, s) for r, s in new if fixed_devices and s.devices is not None]
+    implicit = [(r, s) for r, s in new if not (fixed_devices and s.devices is not None)]
     planned: list[tuple[str, InstanceSpec, tuple[int, ...] | None]] = []
     for role, spec in explicit:
         for d in spec.devices:
@@ -156,7 +155,7 @@ def plan_change(current: Sequence[LiveInstance], target: Placement, *, num_devic
     free = [d for d in range(total) if d not in kept_devs and d not in owner and d not in claimed]
     reusable = [d for d in sorted(owner) if d not in claimed]
     for role, spec in implicit:
-        if not pinned:
+        if not fixed_devices:
             planned.append((role, spec, None))
             continue
         n = spec.num_devices
@@ -180,7 +179,7 @@ class ChangeRun:
     `waiting`: added instances not started yet (their devices are still a leaving instance's);
     `starting`: started, not joined; `leaving`: still served by the executor; `draining`: leaving
     instances no new request goes to; `checks`: leaving instance -> the `Sync` token whose answer
-    confirms it is empty.
+    confirms it is empty; `handed`: requests a leaving decode worker was asked to hand off.
     """
 
     change: PlacementChange
@@ -190,6 +189,8 @@ class ChangeRun:
     leaving: set[str]
     draining: set[str]
     checks: dict[str, int] = dataclasses.field(default_factory=dict)
+    handoff: bool = True  # leaving decode workers hand their requests to remaining ones
+    handed: set[str] = dataclasses.field(default_factory=set)  # request keys sent `HandOff`
 
     def update(self, now: float) -> PlacementChange:
         """Moves the reported state on: draining once every started instance joined, done once

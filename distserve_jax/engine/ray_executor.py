@@ -11,6 +11,11 @@ pinned before JAX is imported; `info()` shows them); on GPU hosts it asks Ray fo
   so KV crosses hosts over TCP).
 - Commands: `send` numbers each actor's commands; the actor applies them in that order.
 - Events: one thread per actor reads its streaming generator of event batches into one queue.
+- Placement changes: `add_worker` starts a new actor on the least used cores (on a host with
+  fewer cores than instances, e.g. 2 cores during a change from 1P+1D to 1P+2D, it shares a core
+  with another instance until the leaving one is gone: `info()` shows `shares_cores_with`) and
+  reports `WorkerJoined` once it is ready; `remove_worker` kills a drained actor for good and
+  re-pins the remaining actors to disjoint cores (`assign_cores` over them).
 - Failures: when an actor's process dies (its stream breaks), the executor reports
   `WorkerFailed(process_died=True)`; Ray restarts the actor (`max_restarts`), and once the new
   process answers the executor reports `WorkerJoined`. A worker whose step raised is killed so Ray
@@ -121,21 +126,14 @@ class RayExecutor:
         cache = jax.config.jax_compilation_cache_dir  # share this process's persistent compilation cache
         cache_env = {"JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"} if cache else {}
-        ip = "127.0.0.1" if address is None else None  # None: the actor's node address
+        self._spawn_args = dict(remote_cls=remote_cls, model=model, cfg=cfg, cache_env=cache_env, on_gpu=on_gpu,
+                                local=local, max_restarts=max_restarts,
+                                ip="127.0.0.1" if address is None else None)  # None: the actor's node address
+        self._all_cores = sorted(os.sched_getaffinity(0)) if local else []
+        self._removed: set[str] = set()
+        self.warm_new_workers = False  # set by `Controller.warmup`
         for (name, role, tp, pp), cs in zip(instances, cores):
-            env = {"PYTHONPATH": _REPO_ROOT, **cache_env, **(_LOOPBACK_ENV if address is None else {})}
-            if not on_gpu:
-                env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={tp * pp}"
-                env["JAX_PLATFORMS"] = "cpu"
-            opts = dict(max_restarts=max_restarts, max_task_retries=0, max_concurrency=4,
-                        runtime_env={"env_vars": env})
-            if on_gpu:
-                opts.update(num_gpus=tp * pp, num_cpus=1)
-            else:
-                opts.update(num_cpus=0 if local else 1)
-            self._actors[name] = remote_cls.options(**opts).remote(name, role, model, tp, pp, cfg, cs, ip)
-            self._seq[name] = 0
-            self._meta[name] = {"cores": cs, "restarts": 0}
+            self._spawn(name, role, tp, pp, cs)
         try:
             readies = ray.get([a.ready.remote() for a in self._actors.values()], timeout=ready_timeout_s)
         except Exception:
@@ -149,6 +147,104 @@ class RayExecutor:
                          for name in self._actors]
         for t in self._readers:
             t.start()
+
+    def _spawn(self, name: str, role: str, tp: int, pp: int, cores: list[int] | None) -> None:
+        a = self._spawn_args
+        env = {"PYTHONPATH": _REPO_ROOT, **a["cache_env"], **(_LOOPBACK_ENV if self.address is None else {})}
+        if not a["on_gpu"]:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={tp * pp}"
+            env["JAX_PLATFORMS"] = "cpu"
+        opts = dict(max_restarts=a["max_restarts"], max_task_retries=0, max_concurrency=4,
+                    runtime_env={"env_vars": env})
+        if a["on_gpu"]:
+            opts.update(num_gpus=tp * pp, num_cpus=1)
+        else:
+            opts.update(num_cpus=0 if a["local"] else 1)
+        actor = a["remote_cls"].options(**opts).remote(name, role, a["model"], tp, pp, a["cfg"], cores, a["ip"])
+        with self._lock:
+            self._actors[name] = actor
+            self._seq[name] = 0
+            self._meta[name] = {"cores": cores, "restarts": 0, "role": role}
+
+    # ------------------------------------------------------------ live placement changes
+    def _pick_cores(self) -> list[int] | None:
+        """A new instance's cores: as many as an even share gives, the least used ones first (on a
+        host with fewer cores than instances it shares a core with another instance)."""
+        if not self._all_cores:
+            return None
+        use = {c: 0 for c in self._all_cores}
+        for meta in self._meta.values():
+            for c in meta.get("cores") or ():
+                use[c] = use.get(c, 0) + 1
+        n = max(1, len(self._all_cores) // (len(self._meta) + 1))
+        return sorted(sorted(use, key=lambda c: (use[c], c))[:n])
+
+    def add_worker(self, name: str, role: str, tp: int, pp: int, devices: Sequence[Any] | None = None) -> None:
+        """Starts a new actor process for an instance (its own `tp * pp` devices: `devices` is not
+        used) on the least used cores; `WorkerJoined` follows once it is ready (and compiled, if
+        the deployment was warmed up), `WorkerFailed` if it cannot start."""
+        if name in self._actors or name in self._removed:
+            raise ValueError(f"a worker named {name!r} already exists")
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"unknown worker role {role!r}")
+        self._spawn(name, role, tp, pp, self._pick_cores())
+        threading.Thread(target=self._join, args=(name,), name=f"start-{name}", daemon=True).start()
+
+    def _join(self, name: str) -> None:
+        ray = self._ray
+        actor = self._actors[name]
+        try:
+            r = ray.get(actor.ready.remote(), timeout=self.ready_timeout_s)
+            if self.warm_new_workers:
+                ray.get(actor.warm.remote(), timeout=self.ready_timeout_s)
+            load = ray.get(actor.load.remote(), timeout=60)
+        except Exception as e:  # noqa: BLE001 - reported as the new worker's failure
+            if self._closing or name in self._removed:
+                return
+            logging.error("new worker %s did not start: %s", name, e)
+            self.events.put(m.WorkerFailed(name, f"it did not start: {type(e).__name__}: {e}", ()))
+            return
+        if self._closing or name in self._removed:
+            return
+        self._meta[name].update(r)
+        logging.info("%s: pid %s on %s, cores %s, KV server %s", name, r["pid"], r["node"], r["affinity"],
+                     r["kv_address"])
+        t = threading.Thread(target=self._read, args=(name,), name=f"events-{name}", daemon=True)
+        self._readers.append(t)
+        t.start()
+        self.events.put(m.WorkerJoined(load))
+
+    def remove_worker(self, name: str) -> None:
+        """Kills a worker's actor (no restart; the controller calls it once the worker holds
+        nothing, or for a new worker that never joined) and forgets it."""
+        with self._lock:
+            actor = self._actors.pop(name, None)
+            if actor is None:
+                raise ValueError(f"no worker named {name!r}")
+            self._removed.add(name)
+            self._seq.pop(name, None)
+            self._meta.pop(name, None)
+        try:
+            self._ray.kill(actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        self._rebalance_cores()
+
+    def _rebalance_cores(self) -> None:
+        """After a removal: the remaining actors get disjoint cores again (`assign_cores` over them,
+        every thread re-pinned in place), so a core an instance shared during a change is its own."""
+        if not self._all_cores or not self._meta:
+            return
+        names = list(self._meta)
+        for name, cores in zip(names, assign_cores(len(names), self._all_cores)):
+            meta = self._meta.get(name)
+            if meta is None or meta.get("cores") == cores or "pid" not in meta:
+                continue  # gone, already there, or not started yet
+            try:
+                meta["affinity"] = self._ray.get(self._actors[name].pin.remote(cores), timeout=30)
+                meta["cores"] = cores
+            except Exception as e:  # noqa: BLE001 - it keeps its cores
+                logging.warning("could not re-pin %s to cores %s: %s", name, cores, e)
 
     # ------------------------------------------------------------ controller side
     def send(self, name: str, cmd: Any) -> None:
@@ -165,9 +261,13 @@ class RayExecutor:
 
     def instance_info(self) -> dict[str, dict[str, Any]]:
         """Per worker: its process, node, pinned cores and restarts (merged into `info()`)."""
+        metas = dict(self._meta)
+        cores = {n: set(meta.get("affinity") or ()) for n, meta in metas.items()}
         return {n: {"pid": meta.get("pid"), "node": meta.get("node"), "cores": meta.get("affinity"),
-                    "kv_address": meta.get("kv_address"), "restarts": meta["restarts"]}
-                for n, meta in self._meta.items()}
+                    "kv_address": meta.get("kv_address"), "restarts": meta["restarts"],
+                    # more instances than cores (e.g. during a placement change on a small host)
+                    "shares_cores_with": sorted(o for o in metas if o != n and cores[o] & cores[n])}
+                for n, meta in metas.items()}
 
     def actor(self, name: str) -> Any:
         return self._actors[name]
@@ -175,7 +275,7 @@ class RayExecutor:
     def shutdown(self, timeout: float = 10.0) -> None:
         """Kills every actor (no restart) and, if this executor started Ray, stops it."""
         self._closing = True
-        for a in self._actors.values():
+        for a in list(self._actors.values()):
             try:
                 self._ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
@@ -187,16 +287,17 @@ class RayExecutor:
     # ------------------------------------------------------------ event readers
     def _read(self, name: str) -> None:
         ray = self._ray
-        while not self._closing:
+        while not self._closing and name not in self._removed:
             try:
-                for ref in self._actors[name].events.options(num_returns="streaming").remote():
+                actor = self._actors[name]
+                for ref in actor.events.options(num_returns="streaming").remote():
                     for e in ray.get(ref):
                         self.events.put(e)
                         if isinstance(e, m.WorkerFailed) and not e.process_died:
                             # Its loop ended: replace the process (the restart path reports it back).
-                            ray.kill(self._actors[name], no_restart=False)
-            except Exception as e:  # noqa: BLE001 - the actor died (or Ray is shutting down)
-                if self._closing:
+                            ray.kill(actor, no_restart=False)
+            except Exception as e:  # noqa: BLE001 - the actor died (or was removed, or Ray is shutting down)
+                if self._closing or name in self._removed:
                     return
                 logging.error("worker process %s died: %s", name, e)
                 self.events.put(m.WorkerFailed(name, f"its process died ({type(e).__name__})", (), process_died=True))
@@ -206,7 +307,7 @@ class RayExecutor:
     def _await_restart(self, name: str) -> bool:
         ray = self._ray
         deadline = time.monotonic() + self.ready_timeout_s
-        while not self._closing and time.monotonic() < deadline:
+        while not self._closing and name not in self._removed and time.monotonic() < deadline:
             try:
                 r = ray.get(self._actors[name].ready.remote(), timeout=10)
             except Exception:  # noqa: BLE001 - still restarting, or gone for good

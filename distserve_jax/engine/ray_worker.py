@@ -8,7 +8,7 @@ device count by the executor, then builds the instance's runner, cache, schedule
 - `send(seq, commands)`: queues controller commands (applied in `seq` order whatever the order
   the calls arrive in).
 - `events()`: a streaming generator of event batches, the way tokens reach the controller.
-- KV: when a prefill worker reports a request `Prefilled`, this process packs the request's KV
+- KV: when a prefill worker reports a request `Prefilled` (or a decode worker `HandedOff`), this process packs the request's KV
   (`kv_offer.KVPacker`) and offers it; the event carries the `KVOffer`. `Release` (the decode
   side's ack, via the controller) or `Finish` drops the offer. A decode worker pulls the offer's
   leaves from the named address and scatters them when the pull has landed, under a watchdog
@@ -76,7 +76,8 @@ class WorkerProcess:
                                blocks)
         self.lock = threading.Lock()
         self.kv = KVOfferServer(ip)
-        self.packer = KVPacker(self.runner) if role == "prefill" else None
+        # A decode worker packs too: a request it hands off (placement change) is pulled like a prefill's.
+        self.packer = KVPacker(self.runner) if role in ("prefill", "decode") else None
         self.unpacker = KVUnpacker(self.runner) if role == "decode" else None
         self.offers: dict[str, Any] = {}  # request key -> its KVOffer (prefill)
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -116,6 +117,16 @@ class WorkerProcess:
 
     def num_offers_held(self) -> int:
         return self.kv.num_held
+
+    def pin(self, cores: list[int]) -> list[int]:
+        """Moves every thread of this process to `cores` (after a placement change); its affinity."""
+        pin_all_threads(cores)
+        self.cores = list(cores)
+        return sorted(os.sched_getaffinity(0))
+
+    def warm(self) -> int:
+        """Compiles this worker's step buckets (a new instance, before it joins a warmed-up deployment)."""
+        return self._warmup()
 
     def load(self) -> Any:
         """The worker's current `WorkerLoad` (read from this thread: a snapshot)."""

@@ -181,7 +181,7 @@ class ThreadsExecutor:
             except queue.Empty:
                 return out
             if name not in self._adding:
-                continue  # removed while it was being built
+                continue  # removed while it was being built: dropped here (its runner with it)
             del self._adding[name]
             if isinstance(built, BaseException):
                 out.append(m.WorkerFailed(name, f"{type(built).__name__}: {built}", ()))
@@ -207,9 +207,9 @@ class ThreadsExecutor:
         if not self.threaded:
             self._drive()
             timeout = 0
-        joined = self._register() if self._adding else []
+        joined = self._register()
         events = m.drain(self.events, 0 if joined else timeout or 0)
-        return joined + events + (self._register() if self._adding else [])
+        return joined + events + self._register()
 
     def wake(self) -> None:
         """Ends a `poll` that is waiting (a new command for the controller)."""

@@ -92,6 +92,8 @@ class InstanceWorker:
         self.inflight: InFlightStep | None = None
         self.pulls: list[tuple[Request, str, Any, float]] = []  # (request, source, transfer, start)
         self.preempted: dict[str, Request] = {}  # evicted, reported once their token in flight lands
+        self.handoffs: dict[str, Request] = {}  # paused by `HandOff`, offered once their tokens in flight land
+        self.offered: dict[str, Request] = {}  # handed off: KV held until `Release` (or `Finish`)
         self.num_discarded_rows = 0
         self.num_steps = 0
         self.busy_seconds = 0.0
@@ -141,8 +143,12 @@ class InstanceWorker:
             self._pull(cmd)
         elif isinstance(cmd, m.Release):
             r = self.requests.pop(cmd.request_id, None)
-            if r is not None:
+            if r is not None and self.offered.pop(cmd.request_id, None) is not None:
+                self.blocks.free(r.request_id)  # a decode worker's handed-off request
+            elif r is not None:
                 self.scheduler.release(r)
+        elif isinstance(cmd, m.HandOff):
+            self._hand_off(cmd.request_id)
         elif isinstance(cmd, m.Finish):
             self._finish(cmd.request_id, _STATUS[cmd.reason])
         elif isinstance(cmd, m.Sync):
@@ -186,11 +192,36 @@ class InstanceWorker:
             return
         self.pulls.append((r, cmd.source, transfer, start))
 
+    def _hand_off(self, request_id: str) -> None:
+        """Pauses a decode request (it is scheduled no more) to offer its KV once its tokens in
+        flight have landed (`_report_handoffs`); a request not here (ended meanwhile) is ignored."""
+        if self.role != "decode":
+            raise RuntimeError(f"{self.name}: only a decode worker hands requests off ({request_id!r})")
+        r = self.requests.get(request_id)
+        if r is None or r.finished or request_id in self.preempted or request_id in self.offered:
+            return
+        self.handoffs[request_id] = r
+        if r in self.scheduler.running:
+            self.scheduler.running.remove(r)  # keeps its blocks
+        self._report_handoffs()
+
+    def _report_handoffs(self) -> None:
+        for rid, r in list(self.handoffs.items()):
+            if r.num_inflight_tokens or r in getattr(self.scheduler, "incoming", ()):
+                continue  # its pull or a token in flight has not landed yet
+            del self.handoffs[rid]
+            if r.finished or rid not in self.requests:
+                continue
+            self.offered[rid] = r
+            self.emit(m.HandedOff(self.name, rid, tuple(self.blocks.block_table(rid)), r.num_computed_tokens))
+
     def _finish(self, request_id: str, status: RequestStatus) -> None:
         r = self.requests.pop(request_id, None)
         if r is None:
             return
         self.preempted.pop(request_id, None)
+        self.handoffs.pop(request_id, None)
+        self.offered.pop(request_id, None)
         self.pulls = [p for p in self.pulls if p[0] is not r]
         if self.scheduler.find(request_id) is r or self.blocks.has(request_id):
             self.scheduler.remove(r, status)
@@ -207,8 +238,8 @@ class InstanceWorker:
         return ("prefill", "decode")
 
     def has_work(self) -> bool:
-        return bool(self.inflight is not None or self.pulls or self.preempted or self.scheduler.waiting
-                    or self.scheduler.running)
+        return bool(self.inflight is not None or self.pulls or self.preempted or self.handoffs
+                    or self.scheduler.waiting or self.scheduler.running)
 
     def held_request_ids(self) -> list[str]:
         return sorted(self.requests)
@@ -218,7 +249,8 @@ class InstanceWorker:
         return m.WorkerLoad(
             name=self.name, role=self.role, tp=self.tp, pp=self.pp, devices=self.devices,
             num_waiting=s.num_waiting, num_running=s.num_running, queued_tokens=s.queued_tokens(),
-            num_incoming=len(getattr(s, "incoming", ())), num_waiting_migration=len(getattr(s, "prefilled", ())),
+            num_incoming=len(getattr(s, "incoming", ())),
+            num_waiting_migration=len(getattr(s, "prefilled", ())) + len(self.offered) + len(self.handoffs),
             free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_total, block_size=self.blocks.block_size,
             max_num_seqs=s.config.max_num_seqs, max_inflight_pulls=getattr(s, "max_inflight_pulls", 0),
             num_steps=self.num_steps, busy_seconds=self.busy_seconds, uptime_seconds=self.clock() - self.started,
@@ -244,6 +276,8 @@ class InstanceWorker:
         else:
             ran = self._step_sync()
         self._report_preempted()
+        if self.handoffs:
+            self._report_handoffs()
         dt = self.clock() - t0
         self.num_steps += 1
         self.busy_seconds += dt
@@ -321,6 +355,8 @@ class InstanceWorker:
                 self.emit(m.PullFailed(self.name, r.request_id, str(e)))
                 continue
             self.scheduler.end_pull(r)
+            if r.request_id in self.handoffs:
+                self.scheduler.running.remove(r)  # handed off while it was being pulled: not scheduled here
             self.emit(m.Pulled(self.name, r.request_id, source, transfer.num_bytes, start, self.clock()))
         return bool(pulls)
 

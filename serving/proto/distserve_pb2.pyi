@@ -128,7 +128,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("name", "role", "tp", "pp", "num_waiting", "num_running", "free_blocks", "total_blocks", "devices", "num_steps", "busy_fraction", "alive", "node", "pid", "cores", "restarts")
+    __slots__ = ("name", "role", "tp", "pp", "num_waiting", "num_running", "free_blocks", "total_blocks", "devices", "num_steps", "busy_fraction", "alive", "node", "pid", "cores", "restarts", "leaving", "shares_cores_with")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,8 @@ class InstanceInfo(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     CORES_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
+    SHARES_CORES_WITH_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     tp: int
@@ -161,10 +163,30 @@ class InstanceInfo(_message.Message):
     pid: int
     cores: _containers.RepeatedScalarFieldContainer[int]
     restarts: int
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., devices: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., alive: _Optional[bool] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., cores: _Optional[_Iterable[int]] = ..., restarts: _Optional[int] = ...) -> None: ...
+    leaving: bool
+    shares_cores_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., devices: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., alive: _Optional[bool] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., cores: _Optional[_Iterable[int]] = ..., restarts: _Optional[int] = ..., leaving: _Optional[bool] = ..., shares_cores_with: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlacementChangeInfo(_message.Message):
+    __slots__ = ("target", "state", "added", "removed", "started_at", "finished_at", "error")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    state: str
+    added: _containers.RepeatedScalarFieldContainer[str]
+    removed: _containers.RepeatedScalarFieldContainer[str]
+    started_at: float
+    finished_at: float
+    error: str
+    def __init__(self, target: _Optional[str] = ..., state: _Optional[str] = ..., added: _Optional[_Iterable[str]] = ..., removed: _Optional[_Iterable[str]] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model", "mode", "placement", "max_model_len", "max_queue", "vocab_size", "num_in_flight", "ready", "instances", "max_request_bytes", "model_path")
+    __slots__ = ("model", "mode", "placement", "max_model_len", "max_queue", "vocab_size", "num_in_flight", "ready", "instances", "max_request_bytes", "model_path", "placement_change", "num_placement_changes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     PLACEMENT_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +198,8 @@ class ServerInfo(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PLACEMENT_CHANGES_FIELD_NUMBER: _ClassVar[int]
     model: str
     mode: str
     placement: str
@@ -187,4 +211,6 @@ class ServerInfo(_message.Message):
     instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
     max_request_bytes: int
     model_path: str
-    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., placement: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_queue: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., ready: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., max_request_bytes: _Optional[int] = ..., model_path: _Optional[str] = ...) -> None: ...
+    placement_change: PlacementChangeInfo
+    num_placement_changes: int
+    def __init__(self, model: _Optional[str] = ..., mode: _Optional[str] = ..., placement: _Optional[str] = ..., max_model_len: _Optional[int] = ..., max_queue: _Optional[int] = ..., vocab_size: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., ready: _Optional[bool] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., max_request_bytes: _Optional[int] = ..., model_path: _Optional[str] = ..., placement_change: _Optional[_Union[PlacementChangeInfo, _Mapping]] = ..., num_placement_changes: _Optional[int] = ...) -> None: ...

@@ -45,7 +45,7 @@ def workload(hf_checkpoint):
     return model, prompts, params, expected
 
 
-def _serve_through_change(core, workload, target, *, change_at: int):
+def _serve_through_change(core, workload, target, *, change_at: int, when=None, **change_kw):
     """Adds half the requests, applies `target` once `change_at` tokens were streamed, adds the
     rest while the change runs, and serves until everything finished and the change ended."""
     _, prompts, params, expected = workload
@@ -57,10 +57,11 @@ def _serve_through_change(core, workload, target, *, change_at: int):
     deadline = time.monotonic() + 300
     while len(outs) < N or core.changing_placement:
         assert time.monotonic() < deadline, f"stuck: {core.info()}"
-        if change is None and sum(len(r.output_token_ids) for r in core.requests.values()) >= change_at:
+        if change is None and sum(len(r.output_token_ids) for r in core.requests.values()) >= change_at and (
+                when is None or when(core)):
             held_at_change = {n: ld.num_running + ld.num_waiting + ld.num_waiting_migration
                               for n, ld in core.loads.items()}
-            change = core.apply_placement(target)
+            change = core.apply_placement(target, **change_kw)
             assert change.state in ("starting", "draining")
             with pytest.raises(PlacementChangeInProgress, match="still"):
                 core.apply_placement(target)
@@ -76,6 +77,7 @@ def _serve_through_change(core, workload, target, *, change_at: int):
         assert (o.token_ids, o.finish_reason) == (e.token_ids, e.finish_reason), f"request {i}"
         assert o.metrics["num_preemptions"] == 0, f"request {i} was recomputed"
     assert not core.failures
+    core.last_finish = max(o.metrics["finish_time"] for o in outs.values())
     return change, held_at_change
 
 
@@ -117,6 +119,28 @@ def test_scale_down_prefill_under_load(threads, workload):
         change, held = _serve_through_change(core, workload, target, change_at=4)
         assert held["prefill-1"] > 0  # the leaving instance had requests to finish
         _check_done(core, change, target, removed=("prefill-1",), added=0)
+    finally:
+        core.shutdown()
+
+
+@pytest.mark.parametrize("handoff", [True, False], ids=["handoff", "decode-to-the-end"])
+@pytest.mark.parametrize("threads", [False, True], ids=["driver", "threads"])
+def test_scale_down_decode_under_load(threads, handoff, workload):
+    """1P+2D -> 1P+1D: the leaving decode instance hands its requests to the one that stays (each
+    pulled from it mid-generation, tokens unchanged), or decodes them to the end."""
+    core = build_core(workload[0], placement=_p([P1], [P1, P1]), start_workers=threads, **KW)
+    try:
+        target = _p([P1], [P1])
+        change, held = _serve_through_change(core, workload, target, change_at=10, handoff=handoff,
+                                             when=lambda c: c.loads["decode-1"].num_running > 0)
+        assert held["decode-1"] > 0
+        _check_done(core, change, target, removed=("decode-1",), added=0)
+        if handoff:
+            assert core.num_handoffs > 0 and core.info()["num_handoffs"] == core.num_handoffs
+            if not threads:  # deterministic: the leaving instance was gone before the last request ended
+                assert core.placement_change.finished_at < core.last_finish
+        else:
+            assert core.num_handoffs == 0
     finally:
         core.shutdown()
 
@@ -168,3 +192,41 @@ def test_bad_targets_are_refused_before_anything_changes(workload):
             colocated.apply_placement(_p([P1], [P1]))
     finally:
         colocated.shutdown()
+
+
+def test_a_new_instance_that_fails_to_start_fails_the_change(workload, monkeypatch):
+    """Building the new instance raises: the change ends "failed" naming it, nothing else changes,
+    the requests in flight complete, and a later change is accepted."""
+    from distserve_jax.engine.threads_executor import ThreadsExecutor
+
+    _, prompts, params, expected = workload
+    core = build_core(workload[0], placement=_p([P1], [P1]), start_workers=False, **KW)
+    try:
+        build = ThreadsExecutor._build
+
+        def failing(self, name, *a, **kw):
+            if name == "decode-1":
+                raise RuntimeError("out of device memory")
+            return build(self, name, *a, **kw)
+
+        monkeypatch.setattr(ThreadsExecutor, "_build", failing)
+        for i in range(4):
+            core.add_request(str(i), prompt_token_ids=prompts[i], params=params[i])
+        change = core.apply_placement(_p([P1], [P1, P1]))
+        outs = {}
+        while len(outs) < 4:
+            outs.update({int(o.request_id): o for o in core.step() if o.finished})
+        c = core.placement_change
+        assert c.state == "failed" and "decode-1" in c.error and "out of device memory" in c.error, c
+        assert c.started_at == change.started_at and c.finished_at is not None
+        assert not core.changing_placement and core.placement_changes == {"failed": 1}
+        assert list(core.roles) == ["prefill-0", "decode-0"] and core.current_placement().describe() == "P(tp1)+D(tp1)"
+        assert [outs[i].token_ids for i in range(4)] == [e.token_ids for e in expected[:4]]
+        monkeypatch.undo()
+        assert core.apply_placement(_p([P1], [P1, P1])).state == "starting"  # no longer in progress
+        while core.changing_placement:
+            core.step()
+        assert core.placement_change.state == "done" and core.placement_change.added == ("decode-2",)
+        assert_engine_empty(core)
+    finally:
+        core.shutdown()

@@ -148,3 +148,67 @@ def test_killed_worker_process_is_replaced_and_its_requests_recomputed(victim, w
         _assert_clean(core)
     finally:
         core.shutdown()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_live_placement_change_swaps_the_decode_instance(workload, local_ray):
+    """P(tp1)+D(tp1) -> P(tp1)+D(tp2) under load: a new decode process starts, takes the pulls once
+    it joined, the old one hands its requests to it (KV pulled across processes mid-generation)
+    and its process is killed; outputs unchanged."""
+    model, prompts, params, expected = workload
+    core = build_core(model, placement=Placement((InstanceSpec(),), (InstanceSpec(),)), executor="ray", **KW)
+    try:
+        old_pid = core.info()["instances"][1]["pid"]
+        n = len(prompts)
+        for i in range(n // 2):
+            core.add_request(f"{i}-0", prompt_token_ids=prompts[i], params=params[i])
+        added, outs, change, shared, last_add = n // 2, {}, None, None, 0.0
+        deadline = time.monotonic() + 300
+        while len(outs) < added or core.changing_placement:
+            assert time.monotonic() < deadline, f"stuck: {core.info()}"
+            if change is None and sum(len(r.output_token_ids) for r in core.requests.values()) >= 4:
+                change = core.apply_placement(Placement((InstanceSpec(),), (InstanceSpec(tp=2),)))
+                assert change.removed == ("decode-0",) and change.added == ("decode-1",)
+            # Load keeps arriving while the new process starts (copies of the workload's requests),
+            # so the old decode instance holds requests when the new one joins.
+            starting = change is not None and core.placement_change.state == "starting"
+            if (starting or added < n) and added < 120 and time.monotonic() - last_add > 0.1:
+                i = added % n
+                core.add_request(f"{i}-{added}", prompt_token_ids=prompts[i], params=params[i])
+                added, last_add = added + 1, time.monotonic()
+            if shared is None and {"decode-0", "decode-1"} <= set(core.roles):
+                shared = {i["name"]: i["shares_cores_with"] for i in core.info()["instances"]}
+            for o in core.step():
+                if o.finished:
+                    outs[o.request_id] = o
+        assert shared is not None and shared["decode-1"], shared  # 3 processes on 2 cores mid-change
+        assert len(outs) == added >= n
+        for rid, o in outs.items():
+            e = expected[int(rid.split("-")[0])]
+            assert (o.token_ids, o.finish_reason) == (e.token_ids, e.finish_reason), f"request {rid}"
+            assert o.metrics["num_preemptions"] == 0
+        assert core.num_handoffs > 0  # requests moved from the old decode process to the new one
+        c = core.placement_change
+        assert c.state == "done" and not core.failures, c
+        assert list(core.roles) == ["prefill-0", "decode-1"]
+        assert core.current_placement().describe() == "P(tp1)+D(tp2)"
+        info = core.info()
+        new = info["instances"][1]
+        assert new["name"] == "decode-1" and new["tp"] == 2 and new["pid"] not in (old_pid, os.getpid())
+        # On 2 cores the new process shared one during the change; once the old one is gone, one each.
+        assert sorted(c for i in info["instances"] for c in i["cores"]) == [0, 1]
+        assert all(i["shares_cores_with"] == [] for i in info["instances"])
+        deadline = time.monotonic() + 30
+        while _pid_alive(old_pid):  # the leaving process was killed
+            assert time.monotonic() < deadline, f"process {old_pid} of decode-0 still runs"
+            time.sleep(0.2)
+        _assert_clean(core)
+    finally:
+        core.shutdown()
