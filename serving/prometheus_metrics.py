@@ -3,11 +3,13 @@
 Owns: TTFT, TPOT, end-to-end, queueing and migration-time histograms; migrated bytes;
 requests by finish reason and rejections by kind; queue length, running requests, KV
 utilisation, busy fraction, liveness and a step-time histogram per instance (refreshed from
-`AsyncEngine.info()`, whose workers keep cumulative step-time bucket counts); and SLO attainment over a
+`AsyncEngine.info()`, whose workers keep cumulative step-time bucket counts); SLO attainment over a
 sliding window for each configured SLO; the placement served (`distserve_placement_info`), a
-placement-change counter by outcome and whether one is in progress. Instances a placement change
-removed drop out of the per-instance metrics. Attainment uses `distserve_jax.metrics.meets_slo`, so
-it means what the load generator and the simulator report. Requests the client aborted are left
+placement-change counter by outcome and whether one is in progress (instances a placement change
+removed drop out of the per-instance metrics); the workload monitor's window (arrival rate, prompt
+and output length statistics) and the replanner's drift, predicted gain and placement changes.
+Attainment uses `distserve_jax.metrics.meets_slo`, so it means what the load generator and the
+simulator report. Requests the client aborted are left
 out of the window (they say nothing about the server's latency).
 """
 
@@ -100,6 +102,22 @@ class ServingMetrics:
                                 ["instance", "role"], registry=r)
         self.restarts = prom.Gauge("distserve_instance_restarts", "Times an instance's process was replaced "
                                    "after it died (--executor=ray).", ["instance", "role"], registry=r)
+        self.workload_rate = prom.Gauge("distserve_workload_arrival_rate", "Requests arriving per second over the "
+                                        "workload monitor's window.", registry=r)
+        self.workload_requests = prom.Gauge("distserve_workload_window_requests", "Requests in the workload "
+                                            "monitor's window.", ["kind"], registry=r)
+        self.workload_lens = prom.Gauge("distserve_workload_tokens", "Prompt (arrivals) and output (completions) "
+                                        "lengths over the workload monitor's window.", ["length", "stat"],
+                                        registry=r)
+        self.replan_rate_ratio = prom.Gauge("distserve_replan_rate_ratio", "Window arrival rate vs the rate the "
+                                            "placement was planned for (max of the two ratios).", registry=r)
+        self.replan_distance = prom.Gauge("distserve_replan_length_distance", "KS distance of the window's lengths "
+                                          "from those the placement was planned for.", ["length"], registry=r)
+        self.replan_drifted = prom.Gauge("distserve_replan_drifted", "1 while the last check saw drift.", registry=r)
+        self.replan_gain = prom.Gauge("distserve_replan_predicted_gain", "Predicted goodput gain of the last "
+                                      "proposal over the current placement.", registry=r)
+        self.replan_changes = prom.Gauge("distserve_replan_placement_changes", "Placement changes the replanner "
+                                         "started.", registry=r)
         self._step_hist: dict[tuple[str, str], tuple[list[int], float]] = {}
         r.register(_StepTimeCollector(self))
         self._instances: set[tuple[str, str]] = set()
@@ -145,7 +163,9 @@ class ServingMetrics:
             self.attainment.labels(slo=name).set(value)
 
     def update_instances(self, info: Mapping[str, Any]) -> None:
-        """Sets the per-instance gauges and the placement metrics from `AsyncEngine.info()`."""
+        """Sets the per-instance gauges, the placement metrics and the workload / replanner ones from
+        `AsyncEngine.info()`."""
+        self.update_workload(info)
         change = info.get("placement_change") or {}
         running = change.get("state") if change.get("state") in ("starting", "draining") else None
         self._placement = (str(info.get("placement") or ""),
@@ -174,6 +194,32 @@ class ServingMetrics:
             if inst.get("step_time_buckets"):
                 self._step_hist[(labels["instance"], labels["role"])] = (
                     [int(c) for c in inst["step_time_buckets"]], float(inst.get("step_time_sum") or 0.0))
+
+    def update_workload(self, info: Mapping[str, Any]) -> None:
+        """Sets the workload and replanner gauges from `info()`'s `workload` and `replanner` entries."""
+        w = info.get("workload")
+        if w:
+            self.workload_rate.set(float(w.get("arrival_rate") or 0.0))
+            self.workload_requests.labels(kind="arrivals").set(int(w.get("num_arrivals") or 0))
+            self.workload_requests.labels(kind="completions").set(int(w.get("num_completions") or 0))
+            for length in ("prompt_len", "output_len"):
+                for stat in ("mean", "p50", "p90", "p99"):
+                    v = w.get(f"{length}_{stat}")
+                    if v is not None:
+                        self.workload_lens.labels(length=length.split("_")[0], stat=stat).set(float(v))
+        rp = info.get("replanner")
+        if rp:
+            self.replan_changes.set(int(rp.get("num_changes") or 0))
+            d = rp.get("drift")
+            if d:
+                self.replan_rate_ratio.set(float(d["rate_ratio"]))
+                self.replan_distance.labels(length="prompt").set(float(d["prompt_distance"]))
+                if d.get("output_distance") is not None:
+                    self.replan_distance.labels(length="output").set(float(d["output_distance"]))
+                self.replan_drifted.set(1.0 if d["drifted"] else 0.0)
+            p = rp.get("last_proposal")
+            if p and p.get("gain") is not None:
+                self.replan_gain.set(float(p["gain"]))
 
     def exposition(self) -> tuple[bytes, str]:
         """The metrics in the Prometheus text format, and its content type."""

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.frontend import Frontend, ServedModel
 from serving.grpc_service import SERVICE_NAME, DistServeServicer, add_to_server, receive_limit_bytes
-from serving.startup import build_core
+from serving.startup import build_core, replan_settings
 from serving.prometheus_metrics import ServingMetrics, parse_slo
 
 MODES = ("disaggregated", "colocated", "chunked")
@@ -39,6 +39,15 @@ flags.DEFINE_string("placement", "auto", "Placement YAML file, `auto`: the defau
 flags.DEFINE_float("plan_rate", 1.0, "--placement=plan: request rate (req/s) to plan for.")
 flags.DEFINE_string("plan_profile", None, "--placement=plan: a latency profile (default: the cached local one).")
 flags.DEFINE_string("plan_workload", "sharegpt", "--placement=plan: workload whose lengths the plan simulates.")
+flags.DEFINE_enum("replan", "off", ["on", "off"], "on: watch the workload and move to the placement the planner "
+                  "picks when it drifts from the one planned for (--plan_rate / --plan_workload; needs a planner "
+                  "profile: --placement=plan or --plan_profile).")
+flags.DEFINE_float("replan_interval_s", 10.0, "--replan=on: seconds between drift checks.")
+flags.DEFINE_float("replan_min_gain", 0.1, "--replan=on: switch only for a predicted goodput gain above this "
+                   "(0.1 = +10% per device), in (0, 10).")
+flags.DEFINE_float("replan_window_s", 30.0, "--replan=on: sliding window of the workload monitor, seconds.")
+flags.DEFINE_float("replan_dwell_s", 120.0, "--replan=on: least time between the end of a placement change and "
+                   "the start of the next, seconds.")
 flags.DEFINE_enum("mode", "disaggregated", MODES, "Serving mode.")
 flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 flags.DEFINE_integer("port", 50051, "gRPC port.")
@@ -151,11 +160,12 @@ class Server:
         if FLAGS.mode != "disaggregated":
             kwargs.update(tp=FLAGS.tp, replicas=FLAGS.replicas)
         plan = None
-        if FLAGS.placement == "plan":
+        replan = replan_from_flags()
+        if FLAGS.placement == "plan" or replan is not None:
             plan = dict(slo=parse_slo(FLAGS.slo[0])[1], rate=FLAGS.plan_rate, workload=FLAGS.plan_workload,
                         profile_path=FLAGS.plan_profile)
         build = asyncio.ensure_future(asyncio.to_thread(
-            build_core, FLAGS.mode, FLAGS.model, FLAGS.placement, FLAGS.warmup, kwargs, plan))
+            build_core, FLAGS.mode, FLAGS.model, FLAGS.placement, FLAGS.warmup, kwargs, plan, replan))
         stopper = asyncio.ensure_future(self.stop.wait())
         await asyncio.wait([build, stopper], return_when=asyncio.FIRST_COMPLETED)
         if not build.done():
@@ -230,11 +240,22 @@ def enable_compilation_cache(flag: str | None) -> str | None:
     return path
 
 
+def replan_from_flags() -> Any:
+    """`ReplanSettings` from the --replan* flags (None when off); ValueError names a bad one."""
+    return replan_settings(FLAGS.replan, mode=FLAGS.mode, placement=FLAGS.placement, plan_profile=FLAGS.plan_profile,
+                           interval_s=FLAGS.replan_interval_s, min_gain=FLAGS.replan_min_gain,
+                           window_s=FLAGS.replan_window_s, dwell_s=FLAGS.replan_dwell_s)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     for spec in FLAGS.slo:
         parse_slo(spec)
+    try:
+        replan_from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     cache = enable_compilation_cache(FLAGS.compilation_cache_dir)
     logging.info("persistent compilation cache: %s", cache or "off")
     code = asyncio.run(Server().run())

@@ -45,6 +45,7 @@ from distserve_jax.engine.output_processor import OutputProcessor, RequestOutput
 from distserve_jax.engine.live_placement import LivePlacement
 from distserve_jax.engine.placement_change import ChangeRun, LiveInstance, PlacementChange
 from distserve_jax.engine.validation import build_request
+from distserve_jax.engine.workload_monitor import WorkloadMonitor
 from distserve_jax.sampling_params import SamplingParams
 from distserve_jax.scheduler.request import Request, RequestStatus
 from distserve_jax.scheduler.routing import blocks_for, pick_decode, pick_prefill, tokens_to_accept
@@ -128,6 +129,7 @@ class Controller(LivePlacement):
         self.placement_changes: collections.Counter = collections.Counter()  # finished changes by state
         self._change: ChangeRun | None = None
         self._names_used = set(roles)  # a new instance never takes the name of an old one
+        self.monitor = WorkloadMonitor(self.clock())  # arrivals and completions (the replanner reads it)
         self.quiesce()  # every worker's first report: sizes for validation and routing
         fixed = bool(getattr(executor, "fixed_devices", False))
         self._layout: dict[str, LiveInstance] = {
@@ -166,6 +168,7 @@ class Controller(LivePlacement):
         self._tracked[tr.key] = tr
         self._key_of[request_id] = tr.key
         self.outputs.add(request_id, req.prompt_token_ids, req.sampling)
+        self.monitor.on_arrival(req.arrival_time, len(req.prompt_token_ids))
         self._admit(tr)
         return req
 
@@ -353,6 +356,7 @@ class Controller(LivePlacement):
                                           prompt_logprobs=e.prompt_logprobs)
         if reason is not None:
             r.finish_time = e.time
+            self.monitor.on_finish(e.time, len(r.prompt_token_ids), len(r.output_token_ids))
             ro.metrics = request_metrics(r)
             self._end(tr, reason)
         elif r.status is RequestStatus.WAITING:

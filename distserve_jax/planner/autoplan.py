@@ -46,7 +46,6 @@ def cached_profile(model: str, num_devices: int, limits: dict[str, Any], profile
 def plan_placement(model: str, num_devices: int, slo: SLO, rate: float, *, limits: dict[str, Any],
                    workload: str = "sharegpt", profile_path: str | None = None, num_requests: int = 200) -> Any:
     """The placement Alg. 2 chooses for `rate` on the local devices (see the module docstring)."""
-    from distserve_jax.engine.placement import InstanceSpec, Placement
     from distserve_jax.planner import goodput as g
     from distserve_jax.planner import search
     from distserve_jax.planner import workload as wl
@@ -63,6 +62,16 @@ def plan_placement(model: str, num_devices: int, slo: SLO, rate: float, *, limit
         raise g.NoFittingPlacementError(f"--placement=plan: {plan.error}")
     logging.info("planner: serving %s (predicted attainment %.3f at %s req/s)", plan.placement.describe(),
                  plan.attainment_at_rate, rate)
-    d = plan.placement.to_placement_dict()
-    return Placement(tuple(InstanceSpec(i["tp"], i.get("pp", 1), tuple(i["devices"])) for i in d["prefill"]),
-                     tuple(InstanceSpec(i["tp"], i.get("pp", 1), tuple(i["devices"])) for i in d["decode"]))
+    return to_engine_placement(plan.placement)
+
+
+def to_engine_placement(dep: Any, *, devices: bool = True) -> Any:
+    """A disaggregated `Deployment` as the engine's `Placement` (with its device ids, or none: the
+    engine picks free ones)."""
+    from distserve_jax.engine.placement import InstanceSpec, Placement
+
+    d = dep.to_placement_dict()
+
+    def spec(i: dict) -> InstanceSpec:
+        return InstanceSpec(i["tp"], i.get("pp", 1), tuple(i["devices"]) if devices else None)
+    return Placement(tuple(map(spec, d["prefill"])), tuple(map(spec, d["decode"])))

@@ -28,6 +28,9 @@ except a `Finish` of a request it no longer holds); at an instant whose events t
 may act on with this worker's state (anything but tokens, reports and landed pulls); and at
 every instant while a request waits for a decode instance. The records are the turn-by-turn ones.
 
+`add_worker` / `remove_worker` start and stop instances during a run (a placement change driven by
+the same controller code as a server's): a new instance joins `startup_s` virtual seconds later.
+
 `run(deployment, profile, requests)` replays requests (arrival time, prompt and output lengths)
 through a `Controller` on this executor and returns one `metrics.RequestRecord` per request.
 """
@@ -106,11 +109,16 @@ class SimExecutor:
         `stage_time(works)`), replacing the profile's (e.g. `ReplayTimes`, `InstantModel`).
       lockstep: mirror `ThreadsExecutor(start=False)` (see the module docstring).
       record_steps: keep each runner's launched batch compositions (`step_logs`).
+      startup_s: virtual seconds an instance added during a run takes to join.
+      num_devices: the devices a placement change may use (`Controller.apply_placement` refuses more).
     """
 
     def __init__(self, deployment: Deployment, profile: Profile, *, step_models: dict[str, Any] | None = None,
-                 lockstep: bool = False, record_steps: bool = False):
+                 lockstep: bool = False, record_steps: bool = False, startup_s: float = 0.0,
+                 num_devices: int | None = None):
         self.deployment, self.profile, self.lockstep = deployment, profile, lockstep
+        self.startup_s = startup_s
+        self.num_devices = num_devices  # the budget a placement change may use (None: no limit)
         self.now = 0.0
         self._heap: list = []
         self._seq = itertools.count()
@@ -121,28 +129,62 @@ class SimExecutor:
         self.num_plans = 0  # stretches planned (fast-forward)
         self._planned: dict[str, _Slot] = {}  # slots with a plan
         self._instances = {i.name: i for i in deployment.instances}
+        self._record_steps = record_steps
         step_models = step_models or {}
-        d = deployment
+        for inst in deployment.instances:
+            self._add_slot(inst, step_models.get(inst.name))
+
+    def _add_slot(self, inst: SimInstance, step_model: Any = None) -> _Slot:
+        d, profile = self.deployment, self.profile
         sc = SchedulerConfig(d.max_num_seqs, d.max_num_batched_tokens)
         policy = "chunked" if d.mode == "chunked" else "prefill_first"
         bytes_per_block = d.block_size * profile.model.kv_bytes_per_token
-        for inst in d.instances:
-            clock = VirtualClock()
-            log = [] if record_steps else None
-            if log is not None:
-                self.step_logs[inst.name] = log
-            model = step_models.get(inst.name) or profile.step_model(inst.tp, inst.pp)
-            runner = SimRunner(model, clock, inst.pp, log)
-            blocks = BlockManager(self._num_blocks(inst), d.block_size)
-            slot = _Slot(clock, log)
-            link = SimLink(clock, lambda src, n, dst=inst.name: self._transfer_seconds(src, dst, n),
-                           bytes_per_block) if inst.role == "decode" else None
-            slot.worker = InstanceWorker(
-                inst.name, inst.role, runner=runner, blocks=blocks,
-                scheduler=make_scheduler(inst.role, policy, sc, blocks), emit=self._emitter(slot), clock=clock,
-                async_scheduling=d.async_scheduling, tp=inst.tp, pp=inst.pp, devices=inst.devices,
-                kv_pull=(lambda cmd, db, link=link: link.pull(cmd.source, list(cmd.source_blocks), db)) if link is not None else None)
-            self.slots[inst.name] = slot
+        clock = VirtualClock(self.now)
+        log = [] if self._record_steps else None
+        if log is not None:
+            self.step_logs[inst.name] = log
+        model = step_model or profile.step_model(inst.tp, inst.pp)
+        runner = SimRunner(model, clock, inst.pp, log)
+        blocks = BlockManager(self._num_blocks(inst), d.block_size)
+        slot = _Slot(clock, log)
+        link = SimLink(clock, lambda src, n, dst=inst.name: self._transfer_seconds(src, dst, n),
+                       bytes_per_block) if inst.role == "decode" else None
+        slot.worker = InstanceWorker(
+            inst.name, inst.role, runner=runner, blocks=blocks,
+            scheduler=make_scheduler(inst.role, policy, sc, blocks), emit=self._emitter(slot), clock=clock,
+            async_scheduling=d.async_scheduling, tp=inst.tp, pp=inst.pp, devices=inst.devices,
+            kv_pull=(lambda cmd, db, link=link: link.pull(cmd.source, list(cmd.source_blocks), db)) if link is not None else None)
+        self.slots[inst.name] = slot
+        self._instances[inst.name] = inst
+        return slot
+
+    # ------------------------------------------------------------ placement changes
+    def add_worker(self, name: str, role: str, tp: int, pp: int, devices: Sequence[Any] | None = None) -> None:
+        """Starts an instance: it emits `WorkerJoined` `startup_s` (virtual) seconds from now, and takes
+        no turn before. Devices: the ids given, else the lowest ids no live instance holds."""
+        if name in self.slots:
+            raise ValueError(f"worker {name!r} already exists")
+        if role not in ("prefill", "decode", "colocated"):
+            raise ValueError(f"unknown role {role!r} for worker {name!r}")
+        held = {x for n in self.slots for x in self._instances[n].devices}
+        if devices is None:
+            free = (x for x in itertools.count() if x not in held)
+            devices = tuple(next(free) for _ in range(tp * pp))
+        devices = tuple(int(x) for x in devices)
+        if len(devices) != tp * pp or held & set(devices):
+            raise ValueError(f"worker {name!r}: tp={tp} x pp={pp} needs {tp * pp} devices no live instance holds, "
+                             f"got {devices} (held: {sorted(held & set(devices))})")
+        slot = self._add_slot(SimInstance(name, role, tp, pp, devices))
+        slot.clock.t = self.now + self.startup_s
+        slot.worker.emit(m.WorkerJoined(slot.worker.load()))
+
+    def remove_worker(self, name: str) -> None:
+        """Stops an instance (the controller calls it once the instance holds nothing)."""
+        slot = self.slots.pop(name)
+        slot.plan = None  # a planned stretch dies with it (it held no request)
+        self._planned.pop(name, None)
+        slot.worker = None  # a turn still on the heap finds no worker
+        slot.inbox.clear()
 
     def _num_blocks(self, inst: SimInstance) -> int:
         if inst.num_blocks is not None:
@@ -241,6 +283,8 @@ class SimExecutor:
         """One iteration of a worker's loop (`ThreadsExecutor._iterate`)."""
         slot.scheduled = False
         w = slot.worker
+        if w is None:
+            return  # removed
         if slot.plan is not None:  # the end of a stretch: its last turns
             p, slot.plan = slot.plan, None
             del self._planned[w.name]
@@ -308,7 +352,8 @@ def to_record(request_id: str, prompt_len: int, out: Any) -> RequestRecord:
 def run(deployment: Deployment, profile: Profile, requests: Sequence[SimRequest], *,
         step_models: dict[str, Any] | None = None, record_steps: bool = False,
         executor: SimExecutor | None = None, stop_after: tuple[Any, int] | None = None,
-        fast_forward: bool = True) -> list[RequestRecord]:
+        fast_forward: bool = True, controller: Controller | None = None, on_step: Any = None
+        ) -> list[RequestRecord]:
     """Serves `requests` on the simulated `deployment`; one record per request, in input order.
 
     A request the engine refuses (longer than an instance's KV cache) gets a record that never
@@ -316,10 +361,12 @@ def run(deployment: Deployment, profile: Profile, requests: Sequence[SimRequest]
     `stop_after=(slo, k)` ends the simulation as soon as more than k finished requests missed
     `slo` (a goodput search needs no more to know a rate fails); the requests not finished by then
     get records that never completed. `fast_forward=False` steps every worker turn by turn (the same
-    records, slower; see the module docstring).
+    records, slower; see the module docstring). `controller` (over `executor`) is driven instead of a
+    new one; `on_step()` is called after each of its steps (a replanner's tick, on the engine's loop as
+    in a server).
     """
     ex = executor or SimExecutor(deployment, profile, step_models=step_models, record_steps=record_steps)
-    ctrl = make_controller(ex)
+    ctrl = controller or make_controller(ex)
     if fast_forward and not ex.lockstep:
         ex.can_fast_forward = lambda: not ctrl.migration_queue
     order = sorted(range(len(requests)), key=lambda k: requests[k].arrival_time)
@@ -350,6 +397,8 @@ def run(deployment: Deployment, profile: Profile, requests: Sequence[SimRequest]
                 records[k] = rec = to_record(out.request_id, requests[k].prompt_len, out)
                 if stop_after is not None and not meets_slo(rec, stop_after[0]):
                     misses += 1
+        if on_step is not None:
+            on_step()
         if stop_after is not None and misses > stop_after[1]:
             return [r if r is not None else RequestRecord(str(k), requests[k].prompt_len,
                                                           arrival_time=requests[k].arrival_time)

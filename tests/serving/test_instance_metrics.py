@@ -3,6 +3,7 @@ fraction and liveness, for every worker of a disaggregated engine."""
 
 from distserve_jax import LLM, SamplingParams
 from distserve_jax.engine.placement import InstanceSpec, Placement
+from distserve_jax.planner.online import MonitoredCore
 from serving.prometheus_metrics import ServingMetrics
 
 
@@ -32,6 +33,15 @@ def test_step_time_histograms_per_instance(hf_checkpoint):
         assert abs(_sample(text, "distserve_instance_step_seconds_sum", **labels) - inst["step_time_sum"]) < 1e-9
         assert 0 < _sample(text, "distserve_instance_busy_fraction", **labels) <= 1
         assert _sample(text, "distserve_instance_alive", **labels) == 1
+    # The controller's workload monitor, as the server's core reports it: 2 arrivals, prompts of 3
+    # and 2 tokens, 6 output tokens each.
+    w = MonitoredCore(llm.engine).info()["workload"]
+    assert (w["num_arrivals"], w["num_completions"], w["prompt_len_mean"], w["output_len_mean"]) == (2, 2, 2.5, 6.0)
+    metrics.update_instances({**info, "workload": w})
+    text = metrics.exposition()[0].decode()
+    assert _sample(text, "distserve_workload_tokens", length="prompt", stat="mean") == 2.5
+    assert _sample(text, "distserve_workload_tokens", length="output", stat="p50") == 6.0
+    assert _sample(text, "distserve_workload_window_requests", kind="arrivals") == 2
     llm.engine.shutdown()
 
 
