@@ -175,6 +175,10 @@ class ModelRunner:
         self.prefill_seq_buckets = geometric_buckets(lo, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
         self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
+        # The native decode kernel reads each sequence's pages up to its length, whatever the block
+        # table's width: decode steps then need no width buckets (one compiled shape per batch size).
+        self.decode_width_buckets = ((c.max_blocks_per_seq,) if dispatch.writes_kv_in_place(
+            config.attention_backend, config.dtype) else self.width_buckets)
         # Every step's sampled tokens, padded to the most rows a step has, feed the next step.
         self.feed_rows = self.logit_row_buckets[-1]
         self._feed_sharding = self.stages[0].replicated
@@ -221,7 +225,8 @@ class ModelRunner:
             s = round_up(len(works), self.prefill_seq_buckets if mode == "prefill" else self.seq_buckets)
             t = round_up(total, self.token_buckets)
         longest = max(-(-(w.context_len + len(w.token_ids)) // bs) for w in works)
-        width = 1 if mode == "prefill" else round_up(longest, self.width_buckets)
+        width = 1 if mode == "prefill" else round_up(
+            longest, self.decode_width_buckets if mode == "decode" else self.width_buckets)
 
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -380,7 +385,7 @@ class ModelRunner:
 
     def _bucket_shapes(self, mode: str):
         if mode == "decode":
-            return [(s, s, w) for s in self.seq_buckets for w in self.width_buckets]
+            return [(s, s, w) for s in self.seq_buckets for w in self.decode_width_buckets]
         if mode == "prefill":
             return [(t, s, 1) for t in self.token_buckets for s in self.prefill_seq_buckets if s <= t]
         return [(t, s, w) for t in self.token_buckets for s in self.seq_buckets if s <= t
