@@ -22,6 +22,7 @@ an engine can dispatch step N+1 before it fetches step N's tokens.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import dataclasses
 import functools
@@ -443,9 +444,9 @@ class ModelRunner:
             self._sampler_jobs[(logits.shape[0], n_top, pen)] = job
             jobs.append((job, functools.partial(self._compile_sampler, logits, n_top, pen)))
         if background:
-            threading.Thread(target=_run_jobs, args=(jobs,), name="warmup-samplers", daemon=True).start()
+            _start_background(jobs)
         else:
-            _run_jobs(jobs)
+            _run_jobs(jobs, threading.Event())
         return len(shapes)
 
     def _compile_step(self, mode: str, t: int, s: int, w: int) -> jax.ShapeDtypeStruct:
@@ -479,14 +480,32 @@ class ModelRunner:
                 for w in self.width_buckets]
 
 
-def _run_jobs(jobs: list[tuple[concurrent.futures.Future, Any]]) -> None:
-    """Runs `(future, fn)` jobs in order, each future getting its fn's result or error."""
+def _run_jobs(jobs: list[tuple[concurrent.futures.Future, Any]], stop: threading.Event) -> None:
+    """Runs `(future, fn)` jobs in order, each future getting its fn's result or error, until `stop`
+    is set (the jobs left then are cancelled)."""
     start = time.perf_counter()
     for job, fn in jobs:
+        if stop.is_set():
+            job.cancel()
+            continue
         try:
             job.set_result(fn())
         except Exception as e:  # noqa: BLE001 - handed to the step that waits for it
             logging.exception("warm-up: a background compilation failed")
             job.set_exception(e)
-    if jobs:
+    if jobs and not stop.is_set():
         logging.info("warm-up: %d background compilations done in %.1f s", len(jobs), time.perf_counter() - start)
+
+
+def _start_background(jobs: list[tuple[concurrent.futures.Future, Any]]) -> None:
+    """Runs the jobs on a daemon thread. At interpreter exit the thread finishes the compilation it
+    is in and stops (a compilation still running while the interpreter finalises aborts the process)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_run_jobs, args=(jobs, stop), name="warmup-background", daemon=True)
+
+    def finish() -> None:
+        stop.set()
+        thread.join(60.0)
+
+    atexit.register(finish)
+    thread.start()

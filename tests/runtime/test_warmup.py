@@ -3,6 +3,11 @@ compiled call its executables (no jit dispatch, no compilation), and their token
 equal those of a runner that compiles each shape on first use, also for a shape it did not
 compile (a prompt-logprobs step)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -14,6 +19,7 @@ from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SeqWor
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.sampling_params import SamplingParams
 
+ROOT = Path(__file__).resolve().parents[2]
 GREEDY = SamplingParams(temperature=0.0)
 TOP = SamplingParams(temperature=0.0, logprobs=3)
 PENALISED = SamplingParams(temperature=0.7, presence_penalty=0.5, seed=5)
@@ -108,3 +114,16 @@ def test_rows_for_tokens():
     assert rows_for_tokens((4, 16, 64), 512, ratio=64) == (4, 16, 64)
     with pytest.raises(ValueError, match="must be positive"):
         rows_for_tokens((4, 16), 0)
+
+
+def test_exit_while_compiling_in_the_background_is_clean(hf_checkpoint):
+    """The interpreter exits right after warm-up returns, samplers still compiling: exit code 0 (a
+    compilation running while the interpreter finalises aborts the process)."""
+    code = (f"import jax; from tests.runtime.test_warmup import _runner; from distserve_jax.engine.model_source "
+            f"import resolve_model; r = _runner(resolve_model({str(hf_checkpoint('llama3'))!r}), 1, 1); "
+            f"r.warmup(('decode',), threads=1); "
+            f"assert not all(j.done() for j in r._sampler_jobs.values()), 'nothing left in the background'")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
