@@ -449,6 +449,10 @@ class ModelRunner:
             _run_jobs(jobs, threading.Event())
         return len(shapes)
 
+    def wait_for_background_warmup(self, timeout: float | None = None) -> None:
+        """Waits until the compilations `warmup` left in the background are done (tests, tools)."""
+        concurrent.futures.wait(list(self._sampler_jobs.values()), timeout=timeout)
+
     def _compile_step(self, mode: str, t: int, s: int, w: int) -> jax.ShapeDtypeStruct:
         """Compiles every stage for one bucket; returns the logits' shape, dtype and sharding."""
         meta = AttentionMetadata(

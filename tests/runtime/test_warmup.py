@@ -64,8 +64,7 @@ def test_warmup_compiles_without_running_and_steps_use_its_executables(hf_checkp
     # With background=True the steps start while the top-logprobs and penalty samplers may still be
     # compiling: a step that needs one waits for it.
     got = _steps(warm)
-    for job in warm._sampler_jobs.values():
-        job.result()
+    warm.wait_for_background_warmup()
     if not background:
         assert compile_counter.count() == before, f"{compile_counter.count() - before} compilations after warm-up"
     assert all(st.forward._cache_size() == 0 for st in warm.stages), "a warmed step shape went through jit"
