@@ -37,6 +37,17 @@ def fine_buckets(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+def rows_for_tokens(row_buckets: tuple[int, ...], tokens: int, ratio: int = 16) -> tuple[int, ...]:
+    """The row (sequence) buckets a step of `tokens` tokens needs: a bucket is dropped when rounding
+    its rows up to the next bucket adds at most `tokens / ratio` rows (a padded row costs at most
+    what one token does, so at most 1/ratio of the step), so a long step has fewer shapes."""
+    if tokens < 1 or ratio < 1:
+        raise ValueError(f"tokens and ratio must be positive, got tokens={tokens}, ratio={ratio}")
+    # Rows up to the first bucket that holds `tokens` rows (a step has at most one row per token).
+    fit = [b for b in row_buckets if b < tokens] + [b for b in row_buckets if b >= tokens][:1]
+    return tuple(b for b, nxt in zip(fit, fit[1:] + [None]) if nxt is None or nxt * ratio > tokens)
+
+
 def round_up(n: int, buckets: tuple[int, ...]) -> int:
     """The smallest bucket >= n."""
     i = bisect.bisect_left(buckets, n)

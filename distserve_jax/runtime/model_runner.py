@@ -8,6 +8,12 @@ stage's mesh.
 The runner knows nothing of requests or queues: the engine hands it `SeqWork` items, each the
 tokens to feed for one sequence, where its KV lives, and how to sample its next token.
 
+Warm-up compiles every step bucket without running it (`warmup`): each stage's forward and
+the sampler are lowered with a step's input shapes and compiled ahead of time, on a few threads
+(XLA's compiler releases the GIL), and the runner keeps the executables and calls them for the
+steps of those shapes. A shape that was not compiled ahead (e.g. a prompt-logprobs step) goes
+through the jitted function, which compiles it on first use.
+
 Steps can be chained without a round trip to the host: `launch(works, prev=pending)` may feed a
 sequence the token that the still-running step `pending` samples for it (`SeqWork.prev_row`).
 The first stage's forward picks those tokens out of the previous sampler's on-device output, so
@@ -16,8 +22,13 @@ an engine can dispatch step N+1 before it fetches step N's tokens.
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
 import dataclasses
 import functools
+import os
+import threading
+import time
 from typing import Any, Sequence
 
 import jax
@@ -31,7 +42,7 @@ from distserve_jax.models.config import ModelConfig
 from distserve_jax.models import fusion
 from distserve_jax.models.decoder import DecoderStage, stage_bounds
 from distserve_jax.runtime import kv_cache, prompt_logprobs
-from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up
+from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up, rows_for_tokens
 from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample_with_feed
 from distserve_jax.runtime.sharding import TP, replicated
 from distserve_jax.runtime.weights import WeightSource
@@ -118,6 +129,10 @@ class _Stage:
         self.module = DecoderStage(cfg, start, end, sharded_attn, jnp.dtype(params_dtype(params)),
                                    fused_projections=fuse)
         self.forward = jax.jit(self._forward, donate_argnums=(1,))
+        self.executables: dict[tuple, Any] = {}  # compiled ahead by `compile`, by `step_key`
+        # What `compile` lowers with: the pages' shapes and shardings (never the donated arrays).
+        self.page_specs = jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), pages)
 
     def _forward(self, params, pages, x, meta, feed):
         if feed is not None:  # first stage: tokens sampled by the previous step, still on device
@@ -126,8 +141,22 @@ class _Stage:
         return self.module.apply({"params": params}, x, meta, pages)
 
     def run(self, x: jax.Array, meta: AttentionMetadata, feed: tuple[Any, Any] | None = None) -> jax.Array:
-        out, self.pages = self.forward(self.params, self.pages, x, meta, feed)
+        fn = self.executables.get(step_key(x, meta, feed), self.forward)
+        out, self.pages = fn(self.params, self.pages, x, meta, feed)
         return out
+
+    def compile(self, x: Any, meta: AttentionMetadata, feed: tuple[Any, Any] | None) -> jax.ShapeDtypeStruct:
+        """Compiles the forward for the shapes of `(x, meta, feed)` without running it (x may be a
+        `ShapeDtypeStruct`); returns the shape, dtype and sharding of the output."""
+        exe = self.forward.lower(self.params, self.page_specs, x, meta, feed).compile()
+        self.executables[step_key(x, meta, feed)] = exe
+        return exe.out_info[0]
+
+
+def step_key(x: Any, meta: AttentionMetadata, feed: Any) -> tuple:
+    """What decides a stage's compiled forward: the input shapes (`[T]` or `[T, hidden]`, the block
+    table `[S, W]`, the logits rows `[R]`), the mode and whether the tokens are fed."""
+    return tuple(x.shape), meta.block_tables.shape, meta.logits_indices.shape, meta.mode, feed is None
 
 
 def params_dtype(params: Any) -> Any:
@@ -174,13 +203,23 @@ class ModelRunner:
         self.logit_row_buckets = (1,) + rows if first == 1 and rows[0] > 1 else rows
         self.prefill_seq_buckets = geometric_buckets(lo, c.max_num_seqs, 4)
         self.token_buckets = geometric_buckets(16, max(c.max_num_batched_tokens, c.max_model_len))
+        # A long prefill step pads its few sequences to one row bucket: the LM head's padded rows
+        # cost at most 1/16 of the step (2048 tokens: one bucket of 64 rows instead of three).
+        self.prefill_rows = {t: rows_for_tokens(self.prefill_seq_buckets, t) for t in self.token_buckets}
         self.width_buckets = fine_buckets(min(8, c.max_blocks_per_seq), c.max_blocks_per_seq)
+        # The native decode kernel reads each sequence's pages up to its length, whatever the block
+        # table's width: decode steps then need no width buckets (one compiled shape per batch size).
+        self.decode_width_buckets = ((c.max_blocks_per_seq,) if dispatch.writes_kv_in_place(
+            config.attention_backend, config.dtype) else self.width_buckets)
         # Every step's sampled tokens, padded to the most rows a step has, feed the next step.
         self.feed_rows = self.logit_row_buckets[-1]
         self._feed_sharding = self.stages[0].replicated
         self._no_feed = jax.device_put(np.zeros(self.feed_rows, np.int32), self._feed_sharding)
         self._sample = jax.jit(functools.partial(sample_with_feed, feed_rows=self.feed_rows),
                                static_argnames=("num_top_logprobs",))
+        # Compiled ahead, by (rows, top-n, penalties): (executable, the logits' sharding it takes).
+        self._samplers: dict[tuple[int, int, bool], tuple[Any, Any]] = {}
+        self._sampler_jobs: dict[tuple[int, int, bool], concurrent.futures.Future] = {}  # compiling in the background
         self._prompt_logprobs = prompt_logprobs.PromptLogprobs(max_partial=4 * c.max_num_seqs)
 
     def _size_cache(self, meshes, params, bounds) -> int:
@@ -218,10 +257,11 @@ class ModelRunner:
         if mode == "decode":
             s = t = round_up(len(works), self.seq_buckets)
         else:
-            s = round_up(len(works), self.prefill_seq_buckets if mode == "prefill" else self.seq_buckets)
             t = round_up(total, self.token_buckets)
+            s = round_up(len(works), self.prefill_rows[t] if mode == "prefill" else self.seq_buckets)
         longest = max(-(-(w.context_len + len(w.token_ids)) // bs) for w in works)
-        width = 1 if mode == "prefill" else round_up(longest, self.width_buckets)
+        width = 1 if mode == "prefill" else round_up(
+            longest, self.decode_width_buckets if mode == "decode" else self.width_buckets)
 
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -333,55 +373,143 @@ class ModelRunner:
             results.append(SampleResult(int(out.token_ids[i]), float(out.logprobs[i]), top, prompt.get(i)))
         return results
 
-    def _launch_sample(self, logits: jax.Array, works: Sequence[SeqWork], *, n_top: int | None = None,
-                       force_penalties: bool = False):
-        s = logits.shape[0]
+    def _sampler_inputs(self, rows: int, works: Sequence[SeqWork], n_top: int | None, force_penalties: bool):
         params = [w.sampling for w in works]
         tensors = SamplingTensors.from_params(params, [w.num_generated for w in works], self.cfg.vocab_size,
-                                              pad_to=s, seeds=[w.seed for w in works])
+                                              pad_to=rows, seeds=[w.seed for w in works])
         if n_top is None:
             n_top = MAX_TOP_LOGPROBS if any(p.logprobs for p in params) else 0
         penalties = None
         if force_penalties or any(p.uses_penalties for p in params):
             penalties = PenaltyInputs.from_token_lists([w.prompt_ids for w in works], [w.output_ids for w in works],
-                                                       self.cfg.vocab_size, pad_to=s)
+                                                       self.cfg.vocab_size, pad_to=rows)
+        return tensors, n_top, penalties
+
+    def _launch_sample(self, logits: jax.Array, works: Sequence[SeqWork], *, n_top: int | None = None,
+                       force_penalties: bool = False):
+        tensors, n_top, penalties = self._sampler_inputs(logits.shape[0], works, n_top, force_penalties)
         # Host arrays straight into the jit (see `forward`): a Python-side device_put of the ten
         # sampling arrays costs more than the greedy sampler itself.
+        key = (logits.shape[0], n_top, penalties is not None)
+        job = self._sampler_jobs.get(key)
+        if key not in self._samplers and job is not None:
+            job.result()  # a step that needs a sampler still compiling in the background waits for it
+        exe, sharding = self._samplers.get(key, (None, None))
+        if exe is not None and logits.sharding == sharding:  # (a prompt-logprobs step's rows may lie elsewhere)
+            return exe(logits, tensors, penalties=penalties)
         return self._sample(logits, tensors, num_top_logprobs=n_top, penalties=penalties)
 
     # ----------------------------------------------------------------- warm-up
-    def warmup(self, modes: Sequence[str] = ("prefill", "decode")) -> int:
-        """Compiles every bucket of the given modes (and the default sampler) ahead of serving.
+    def warmup(self, modes: Sequence[str] = ("prefill", "decode"), *, threads: int | None = None,
+               background: bool = True) -> int:
+        """Compiles every bucket of the given modes, and the sampler variants for each logits row
+        count, without running any of them.
 
-        Returns the number of shapes run.
+        Before it returns: every step shape and the plain sampler (any temperature and filters, no
+        top logprobs, no penalties). The variants with top logprobs and/or penalties compile after it
+        returns, on a background thread (unless `background` is False); a step that needs one before
+        it is ready waits for it. `threads` compile at once (default: the CPUs this process may use,
+        at most 4); a step of a compiled shape then calls the executable compiled here. It reads only
+        the KV pages' shapes, so steps may run meanwhile. Returns the number of step shapes compiled.
         """
-        n = 0
-        sampled: set = set()
-        greedy = SamplingParams(temperature=0.0)
-        for mode in modes:
-            for t, s, w in self._bucket_shapes(mode):
-                tokens = np.zeros(t, np.int32)
-                meta = AttentionMetadata(
-                    positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
-                    query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
-                    seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
-                    logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
-                logits = self.forward(tokens, meta)
-                if logits.shape[0] not in sampled:  # the sampler's shapes depend on the row count only
-                    sampled.add(logits.shape[0])
-                    for n_top in (0, MAX_TOP_LOGPROBS):
-                        for pen in (False, True):
-                            jax.device_get(self._launch_sample(logits, [SeqWork([0], 0, [0], greedy)], n_top=n_top,
-                                                               force_penalties=pen))
-                n += 1
-        jax.block_until_ready([st.pages for st in self.stages])
-        logging.info("warm-up ran %d step shapes", n)
-        return n
+        shapes = [(mode, t, s, w) for mode in modes for t, s, w in self._bucket_shapes(mode)]
+        if threads is None:
+            threads = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        if threads < 1:
+            raise ValueError(f"warm-up threads must be >= 1, got {threads}")
+        lock = threading.Lock()
+        logits_specs: dict[int, jax.ShapeDtypeStruct] = {}
+
+        def one(shape) -> None:
+            logits = self._compile_step(*shape)
+            with lock:  # the sampler's shapes depend on the row count only
+                todo = logits.shape[0] not in logits_specs
+                logits_specs.setdefault(logits.shape[0], logits)
+            if todo:
+                self._compile_sampler(logits, 0, False)
+
+        # Largest shapes first: they compile longest, so the pool ends with the short ones.
+        shapes.sort(key=lambda sh: -sh[1] * sh[2])
+        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="warmup") as pool:
+            for f in [pool.submit(one, sh) for sh in shapes]:
+                f.result()
+        later = [(logits, n_top, pen) for logits in logits_specs.values()
+                 for n_top, pen in ((0, True), (MAX_TOP_LOGPROBS, False), (MAX_TOP_LOGPROBS, True))]
+        logging.info("warm-up compiled %d step shapes and %d plain samplers on %d threads; %d sampler variants %s",
+                     len(shapes), len(logits_specs), threads, len(later), "follow in the background" if background
+                     else "next")
+        jobs = []
+        for logits, n_top, pen in later:
+            job: concurrent.futures.Future = concurrent.futures.Future()
+            self._sampler_jobs[(logits.shape[0], n_top, pen)] = job
+            jobs.append((job, functools.partial(self._compile_sampler, logits, n_top, pen)))
+        if background:
+            _start_background(jobs)
+        else:
+            _run_jobs(jobs, threading.Event())
+        return len(shapes)
+
+    def wait_for_background_warmup(self, timeout: float | None = None) -> None:
+        """Waits until the compilations `warmup` left in the background are done (tests, tools)."""
+        concurrent.futures.wait(list(self._sampler_jobs.values()), timeout=timeout)
+
+    def _compile_step(self, mode: str, t: int, s: int, w: int) -> jax.ShapeDtypeStruct:
+        """Compiles every stage for one bucket; returns the logits' shape, dtype and sharding."""
+        meta = AttentionMetadata(
+            positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
+            query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
+            seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
+            logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
+        x: Any = np.zeros(t, np.int32)
+        for i, st in enumerate(self.stages):
+            if i:  # what `forward`'s device_put hands the next stage
+                x = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=st.replicated)
+            # The feed `forward` passes when no token is fed: the same shapes as a fed step.
+            x = st.compile(x, meta, None if i else (self._no_feed, np.full(t, -1, np.int32)))
+        return x
+
+    def _compile_sampler(self, logits: jax.ShapeDtypeStruct, n_top: int, penalties: bool) -> None:
+        rows = logits.shape[0]
+        works = [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))]
+        tensors, _, pen = self._sampler_inputs(rows, works, n_top, penalties)
+        exe = self._sample.lower(logits, tensors, num_top_logprobs=n_top, penalties=pen).compile()
+        self._samplers[(rows, n_top, penalties)] = (exe, logits.sharding)
 
     def _bucket_shapes(self, mode: str):
         if mode == "decode":
-            return [(s, s, w) for s in self.seq_buckets for w in self.width_buckets]
+            return [(s, s, w) for s in self.seq_buckets for w in self.decode_width_buckets]
         if mode == "prefill":
-            return [(t, s, 1) for t in self.token_buckets for s in self.prefill_seq_buckets if s <= t]
+            return [(t, s, 1) for t in self.token_buckets for s in self.prefill_rows[t]]
         return [(t, s, w) for t in self.token_buckets for s in self.seq_buckets if s <= t
                 for w in self.width_buckets]
+
+
+def _run_jobs(jobs: list[tuple[concurrent.futures.Future, Any]], stop: threading.Event) -> None:
+    """Runs `(future, fn)` jobs in order, each future getting its fn's result or error, until `stop`
+    is set (the jobs left then are cancelled)."""
+    start = time.perf_counter()
+    for job, fn in jobs:
+        if stop.is_set():
+            job.cancel()
+            continue
+        try:
+            job.set_result(fn())
+        except Exception as e:  # noqa: BLE001 - handed to the step that waits for it
+            logging.exception("warm-up: a background compilation failed")
+            job.set_exception(e)
+    if jobs and not stop.is_set():
+        logging.info("warm-up: %d background compilations done in %.1f s", len(jobs), time.perf_counter() - start)
+
+
+def _start_background(jobs: list[tuple[concurrent.futures.Future, Any]]) -> None:
+    """Runs the jobs on a daemon thread. At interpreter exit the thread finishes the compilation it
+    is in and stops (a compilation still running while the interpreter finalises aborts the process)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=_run_jobs, args=(jobs, stop), name="warmup-background", daemon=True)
+
+    def finish() -> None:
+        stop.set()
+        thread.join(60.0)
+
+    atexit.register(finish)
+    thread.start()

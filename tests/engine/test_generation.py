@@ -111,6 +111,8 @@ def test_preemption_under_a_tiny_cache_keeps_greedy_output(make_llm):
 def test_no_recompilation_after_warmup(make_llm):
     llm = make_llm("llama2", max_num_seqs=8, max_num_batched_tokens=128, max_model_len=128, num_blocks=64)
     llm.engine.warmup()
+    for w in llm.engine.executor.workers.values():  # the sampler variants compiled after warm-up returned
+        w.runner.wait_for_background_warmup()
     before = compile_counter.count()
     rng = np.random.default_rng(4)
     prompts = [[int(t) for t in rng.integers(3, 256, int(rng.integers(1, 100)))] for _ in range(200)]
