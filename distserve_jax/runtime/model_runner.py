@@ -51,6 +51,7 @@ from distserve_jax.sampling_params import SamplingParams
 from pallas_kernels import dispatch
 
 MAX_TOP_LOGPROBS = 20
+WARM_RUN_TOKENS = 256  # warm-up runs the step shapes up to this many tokens once (see `warmup`)
 _MIN_LOGIT_ROWS = 4
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
 
@@ -401,16 +402,17 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- warm-up
     def warmup(self, modes: Sequence[str] = ("prefill", "decode"), *, threads: int | None = None,
-               background: bool = True) -> int:
+               background: bool = True, run_tokens: int = WARM_RUN_TOKENS) -> int:
         """Compiles every bucket of the given modes, and the sampler variants for each logits row
-        count, without running any of them.
+        count, without running them, then runs the steps of at most `run_tokens` tokens once (a
+        compiled executable's first run is slower; those are cheap to run).
 
         Before it returns: every step shape and the plain sampler (any temperature and filters, no
         top logprobs, no penalties). The variants with top logprobs and/or penalties compile after it
         returns, on a background thread (unless `background` is False); a step that needs one before
         it is ready waits for it. `threads` compile at once (default: the CPUs this process may use,
-        at most 4); a step of a compiled shape then calls the executable compiled here. It reads only
-        the KV pages' shapes, so steps may run meanwhile. Returns the number of step shapes compiled.
+        at most 4); a step of a compiled shape then calls the executable compiled here. The runs write
+        only the null page 0. Returns the number of step shapes compiled.
         """
         shapes = [(mode, t, s, w) for mode in modes for t, s, w in self._bucket_shapes(mode)]
         if threads is None:
@@ -433,6 +435,13 @@ class ModelRunner:
         with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="warmup") as pool:
             for f in [pool.submit(one, sh) for sh in shapes]:
                 f.result()
+        # A compiled CPU executable's first run costs tens of ms more than the next ones (measured:
+        # ~50 ms per shape on the demo model). Steps of up to `run_tokens` tokens are cheap to run:
+        # run each once (writing only the null page 0), so the first requests do not pay it; the
+        # long prefill buckets stay compile-only (their first run is dominated by their compute).
+        for mode, t, s, w in sorted(shapes, key=lambda sh: sh[1] * sh[2]):
+            if t <= run_tokens:
+                self._run_step(mode, t, s, w)
         later = [(logits, n_top, pen) for logits in logits_specs.values()
                  for n_top, pen in ((0, True), (MAX_TOP_LOGPROBS, False), (MAX_TOP_LOGPROBS, True))]
         logging.info("warm-up compiled %d step shapes and %d plain samplers on %d threads; %d sampler variants %s",
@@ -448,6 +457,18 @@ class ModelRunner:
         else:
             _run_jobs(jobs, threading.Event())
         return len(shapes)
+
+    def _run_step(self, mode: str, t: int, s: int, w: int) -> None:
+        """Runs one warmed step shape on zero inputs (KV writes go to the null page 0) with the plain
+        sampler, and waits for it."""
+        meta = AttentionMetadata(
+            positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
+            query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
+            seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
+            logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
+        logits = self.forward(np.zeros(t, np.int32), meta)
+        jax.block_until_ready(self._launch_sample(logits, [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))],
+                                                  n_top=0))
 
     def wait_for_background_warmup(self, timeout: float | None = None) -> None:
         """Waits until the compilations `warmup` left in the background are done (tests, tools)."""
