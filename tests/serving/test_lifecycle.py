@@ -18,7 +18,9 @@ LIFECYCLE_KW = dict(max_model_len=32, num_blocks=16, max_num_seqs=1, max_num_bat
 
 @pytest.fixture(scope="module")
 def warming_server(tiny_model, tmp_path_factory):
-    extra = ["--mode=colocated", "--warmup", "--drain_timeout_s=0", "--max_queue=8"]
+    # No persistent compilation cache: with a warm one the warm-up can finish before the first health
+    # answer, and the NOT_SERVING phase this module checks would not be seen.
+    extra = ["--mode=colocated", "--warmup", "--drain_timeout_s=0", "--max_queue=8", "--compilation_cache_dir=none"]
     extra += [f"--{k}={v}" for k, v in LIFECYCLE_KW.items()]
     proc = ServerProcess(tiny_model, extra=extra, log_path=tmp_path_factory.mktemp("lifecycle") / "server.log")
     yield proc
