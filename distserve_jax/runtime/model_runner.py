@@ -51,7 +51,8 @@ from distserve_jax.sampling_params import SamplingParams
 from pallas_kernels import dispatch
 
 MAX_TOP_LOGPROBS = 20
-WARM_RUN_TOKENS = 256  # warm-up runs the step shapes up to this many tokens once (see `warmup`)
+WARM_RUN_TOKENS = 64  # warm-up runs the step shapes up to this many tokens once (see `warmup`): every decode
+# batch bucket up to 64 sequences and the short prefills (estimated 1-2 s on SmolLM2 at the server's default sizes)
 _MIN_LOGIT_ROWS = 4
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
 
