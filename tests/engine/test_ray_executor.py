@@ -197,7 +197,9 @@ def test_live_placement_change_swaps_the_decode_instance(workload, local_ray):
             # Load keeps arriving while the new process starts (copies of the workload's requests),
             # so the old decode instance holds requests when the new one joins.
             starting = change is not None and core.placement_change.state == "starting"
-            if (starting or added < n) and added < 120 and time.monotonic() - last_add > 0.1:
+            # Keep a small backlog (not a fixed arrival rate) while it starts, however long that takes, so
+            # the old instance always holds requests when the new one joins.
+            if (starting or added < n) and added < 400 and len(core.requests) < 6 and time.monotonic() - last_add > 0.02:
                 i = added % n
                 core.add_request(f"{i}-{added}", prompt_token_ids=prompts[i], params=LONG)
                 added, last_add = added + 1, time.monotonic()
