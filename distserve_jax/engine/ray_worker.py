@@ -191,13 +191,8 @@ class WorkerProcess:
     def warm_pull(self, offers: list) -> int:
         """Decode side: pulls each warm-up offer (connecting to its server) and scatters it into the
         null page, which compiles the assembly and the scatter for that size and sender layout."""
-        import jax
-
-        for offer in offers:
-            pending = self.unpacker.pull(self.kv.connect(offer.address), offer)
-            pending.wait(self.pull_timeout_s)
-            with self.lock:
-                jax.block_until_ready(self.unpacker.scatter(pending.leaves, offer.layout, []))
+        for offer in offers:  # the serving path's pull and landing, into no destination block
+            _RayTransfer(self, self.unpacker.pull(self.kv.connect(offer.address), offer), [], offer).wait()
         return len(offers)
 
     def release_offers(self, offers: list) -> None:

@@ -459,14 +459,18 @@ class ModelRunner:
             _run_jobs(jobs, threading.Event())
         return len(shapes)
 
-    def _run_step(self, mode: str, t: int, s: int, w: int) -> None:
-        """Runs one warmed step shape on zero inputs (KV writes go to the null page 0) with the plain
-        sampler, and waits for it."""
-        meta = AttentionMetadata(
+    def _bucket_meta(self, mode: str, t: int, s: int, w: int) -> AttentionMetadata:
+        """All-zero metadata of one bucket shape (slots map to the null page 0)."""
+        return AttentionMetadata(
             positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
             query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
             seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
             logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
+
+    def _run_step(self, mode: str, t: int, s: int, w: int) -> None:
+        """Runs one warmed step shape on zero inputs (KV writes go to the null page 0) with the plain
+        sampler, and waits for it."""
+        meta = self._bucket_meta(mode, t, s, w)
         logits = self.forward(np.zeros(t, np.int32), meta)
         jax.block_until_ready(self._launch_sample(logits, [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))],
                                                   n_top=0))
@@ -477,11 +481,7 @@ class ModelRunner:
 
     def _compile_step(self, mode: str, t: int, s: int, w: int) -> jax.ShapeDtypeStruct:
         """Compiles every stage for one bucket; returns the logits' shape, dtype and sharding."""
-        meta = AttentionMetadata(
-            positions=np.zeros(t, np.int32), slot_mapping=np.zeros(t, np.int32),
-            query_start_loc=np.zeros(s + 1, np.int32), context_lens=np.zeros(s, np.int32),
-            seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
-            logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
+        meta = self._bucket_meta(mode, t, s, w)
         x: Any = np.zeros(t, np.int32)
         for i, st in enumerate(self.stages):
             if i:  # what `forward`'s device_put hands the next stage
