@@ -169,14 +169,27 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _mid_generation_on(core, name, to_go=36):
+    """Requests `name` decodes (or pulls) with at least `to_go` tokens still to come."""
+    return [tr.key for tr in core._tracked.values()
+            if name in tr.holders and tr.source != name and tr.req.status.name in ("RUNNING", "MIGRATING")
+            and tr.req.max_tokens - len(tr.req.output_token_ids) >= to_go]
+
+
 def test_live_placement_change_swaps_the_decode_instance(workload, local_ray):
-    """P(tp1)+D(tp1) -> P(tp1)+D(tp2) under load: a new decode process starts, takes the pulls once
-    it joined, the old one hands its requests to it (KV pulled across processes mid-generation)
-    and its process is killed; outputs unchanged."""
+    """P(tp1)+D(tp1) -> P(tp1)+D(tp1)+D(tp2) -> P(tp1)+D(tp2) under load: a new decode process
+    starts and takes pulls once it joined; then the old one is removed while it provably holds
+    requests mid-generation, hands them to the new one (KV pulled across processes) and its
+    process is killed; outputs unchanged.
+
+    Two changes rather than one swap: in a one-step swap the hand-off happens when the new
+    process joins, and whether the old one holds anything at that instant is a race between its
+    decode speed and the other processes' start-up on shared cores. Here the removal is issued in
+    the step where the test has seen a request on the old instance with at least 36 of its 48
+    tokens to come, so the HandOff message (milliseconds) always reaches it mid-generation. The
+    one-step swap's hand-off logic is tested deterministically in tests/engine/test_placement_change.py.
+    """
     model, prompts, params, expected = workload
-    # Requests arriving while the new process starts generate 48 tokens, so the old decode instance
-    # still holds some mid-generation when the new one joins (10-token requests could all finish
-    # first, and then nothing would be handed off).
     ref = LLM(model, **KW)
     expected_long = ref.generate(prompt_token_ids=prompts, sampling_params=LONG, use_tqdm=False)
     ref.engine.shutdown()
@@ -187,24 +200,27 @@ def test_live_placement_change_swaps_the_decode_instance(workload, local_ray):
         n = len(prompts)
         for i in range(n // 2):
             core.add_request(f"{i}-0", prompt_token_ids=prompts[i], params=params[i])
-        added, outs, change, shared, last_add = n // 2, {}, None, None, 0.0
+        added, outs, grow, shrink, shared, handed, last_add = n // 2, {}, None, None, None, (), 0.0
         deadline = time.monotonic() + 300
-        while len(outs) < added or core.changing_placement:
+        while len(outs) < added or core.changing_placement or shrink is None:
             assert time.monotonic() < deadline, f"stuck: {core.info()}"
-            if change is None and sum(len(r.output_token_ids) for r in core.requests.values()) >= 4:
-                change = core.apply_placement(Placement((InstanceSpec(),), (InstanceSpec(tp=2),)))
-                assert change.removed == ("decode-0",) and change.added == ("decode-1",)
-            # Load keeps arriving while the new process starts (copies of the workload's requests),
-            # so the old decode instance holds requests when the new one joins.
-            starting = change is not None and core.placement_change.state == "starting"
-            # Keep a small backlog (not a fixed arrival rate) while it starts, however long that takes, so
-            # the old instance always holds requests when the new one joins.
-            if (starting or added < n) and added < 400 and len(core.requests) < 6 and time.monotonic() - last_add > 0.02:
+            if grow is None and sum(len(r.output_token_ids) for r in core.requests.values()) >= 4:
+                grow = core.apply_placement(Placement((InstanceSpec(),), (InstanceSpec(), InstanceSpec(tp=2))))
+                assert grow.removed == () and grow.added == ("decode-1",)
+            if shared is None and {"decode-0", "decode-1"} <= set(core.roles):
+                shared = {i["name"]: i["shares_cores_with"] for i in core.info()["instances"]}
+            if shrink is None and grow is not None and not core.changing_placement:
+                handed = _mid_generation_on(core, "decode-0")
+                if handed:  # decode-0 holds these with >= 36 tokens to go: they must be handed off
+                    grow = core.placement_change  # how the first change ended
+                    shrink = core.apply_placement(Placement((InstanceSpec(),), (InstanceSpec(tp=2),)))
+                    assert shrink.removed == ("decode-0",) and shrink.added == ()
+            # Load keeps arriving through both changes (a small backlog, not a fixed rate).
+            loading = shrink is None or core.changing_placement
+            if loading and added < 400 and len(core.requests) < 6 and time.monotonic() - last_add > 0.02:
                 i = added % n
                 core.add_request(f"{i}-{added}", prompt_token_ids=prompts[i], params=LONG)
                 added, last_add = added + 1, time.monotonic()
-            if shared is None and {"decode-0", "decode-1"} <= set(core.roles):
-                shared = {i["name"]: i["shares_cores_with"] for i in core.info()["instances"]}
             for o in core.step():
                 if o.finished:
                     outs[o.request_id] = o
@@ -215,15 +231,16 @@ def test_live_placement_change_swaps_the_decode_instance(workload, local_ray):
             e = (expected if k == 0 else expected_long)[i]
             assert (o.token_ids, o.finish_reason) == (e.token_ids, e.finish_reason), f"request {rid}"
             assert o.metrics["num_preemptions"] == 0
-        assert core.num_handoffs > 0  # requests moved from the old decode process to the new one
-        c = core.placement_change
-        assert c.state == "done" and not core.failures, c
+        assert core.num_handoffs >= len(handed) > 0  # decode-0's requests moved to the new process
+        for c in (grow, core.placement_change):
+            assert c.state == "done", c
+        assert not core.failures
         assert list(core.roles) == ["prefill-0", "decode-1"]
         assert core.current_placement().describe() == "P(tp1)+D(tp2)"
         info = core.info()
         new = info["instances"][1]
         assert new["name"] == "decode-1" and new["tp"] == 2 and new["pid"] not in (old_pid, os.getpid())
-        # On 2 cores the new process shared one during the change; once the old one is gone, one each.
+        # On 2 cores the new process shared one while three ran; once the old one is gone, one each.
         assert sorted(c for i in info["instances"] for c in i["cores"]) == [0, 1]
         assert all(i["shares_cores_with"] == [] for i in info["instances"])
         deadline = time.monotonic() + 30
