@@ -281,9 +281,7 @@ class ThreadsExecutor:
             n = slot.worker.runner.warmup(slot.worker.warmup_modes)
         if role == "decode":
             for src, s in list(self.slots.items()):
-                if s.worker.role == "prefill":
-                    mig = self._migrator(src, name)
-                    with s.lock:
-                        n += mig.warmup()
+                if s.worker.role == "prefill":  # compile-only: the prefill instance may still be compiling
+                    n += self._migrator(src, name).warmup()
         return n
 

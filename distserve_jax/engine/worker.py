@@ -46,6 +46,7 @@ class KVSourceError(RuntimeError):
 
 
 STOP = "stop"  # put in a worker's inbox: `turn` returns False
+WARM_RUN_POLL_S = 0.05  # an idle worker whose warm-up runs wait for another instance's compilation polls its inbox this often
 
 
 class RaiseCommand:
@@ -115,7 +116,14 @@ class InstanceWorker:
         while True:
             try:
                 idle = block and not handled and (self.stalled or not self.has_work())
-                cmd = inbox.get() if idle else inbox.get_nowait()
+                if not idle:
+                    cmd = inbox.get_nowait()
+                elif not self._warm_runs_left():
+                    cmd = inbox.get()
+                elif self.runner.warm_runs_ready():
+                    cmd = inbox.get_nowait()  # none waiting: do a warm-up run instead (below)
+                else:
+                    cmd = inbox.get(timeout=WARM_RUN_POLL_S)  # another instance is still compiling
             except queue.Empty:
                 break
             if isinstance(cmd, str) and cmd == STOP:
@@ -131,8 +139,19 @@ class InstanceWorker:
             self.emit(m.Status(self.load()))
         if synced and not step_after_sync:
             return True
+        if not handled and not self.has_work() and self._warm_runs_left():
+            if not self.runner.warm_runs_ready():
+                return True
+            with self.pages_lock:  # it writes the null page 0 of the donated cache, like a step
+                self.runner.run_pending_warm_run()
+            return True
         self.stalled = self.has_work() and not self.step()
         return True
+
+    def _warm_runs_left(self) -> bool:
+        """Whether the runner has step shapes left to run once after its warm-up (idle work)."""
+        pending = getattr(self.runner, "has_pending_warm_runs", None)
+        return pending is not None and pending()
 
     # ------------------------------------------------------------ commands
     def handle(self, cmd: Any) -> None:

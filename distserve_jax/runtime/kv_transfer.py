@@ -56,6 +56,9 @@ class KVMigrator:
         self.buckets = geometric_buckets(1, max(src.config.max_blocks_per_seq, dst.config.max_blocks_per_seq))
         self._gathers = [self._make_gather(i) for i in range(len(src.stages))]
         self._scatters = [self._make_scatter(st.mesh) for st in dst.stages]
+        # Compiled by `warmup`, by (stage, block-count bucket); a pull of a bucket not compiled goes through jit.
+        self._gather_exes: dict[tuple[int, int], Any] = {}
+        self._scatter_exes: dict[tuple[int, int], Any] = {}
         itemsize = jnp.dtype(dst.config.dtype).itemsize
         self.block_bytes = (2 * dst.cfg.num_kv_heads * dst.config.block_size * dst.cfg.head_dim * itemsize)
 
@@ -100,9 +103,28 @@ class KVMigrator:
         return jax.jit(scatter, donate_argnums=(0,))
 
     def warmup(self) -> int:
-        """Compiles the pull for every block-count bucket (null page onto null page)."""
+        """Compiles the pull's gathers and scatters for every block-count bucket, without running
+        them or touching either cache (so it needs neither instance's pages lock, and can compile
+        while the instances compile their steps). A pull of a compiled bucket then calls these
+        executables (no tracing, no jit dispatch). Returns the number of buckets."""
+        def spec(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+
         for n in self.buckets:
-            self.pull([0] * n, [0] * n).wait()
+            out_specs: list[Any] = []
+            for i, st in enumerate(self.src.stages):
+                pages = jax.tree.map(spec, st.pages)
+                ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=replicated(st.mesh))
+                self._gather_exes[i, n] = self._gathers[i].lower(pages, ids).compile()
+                out_specs += list(jax.eval_shape(self._gathers[i], pages, ids))
+            per_dst: list[list[Any]] = [[] for _ in self.dst.stages]
+            for layer, kv in enumerate(out_specs):
+                per_dst[self.layer_dst[layer][0]].append(kv)
+            for s, st in enumerate(self.dst.stages):
+                into = NamedSharding(st.mesh, P(TP))  # what `pull`'s batched device_put hands the scatter
+                kvs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=into), tuple(per_dst[s]))
+                ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=replicated(st.mesh))
+                self._scatter_exes[s, n] = self._scatters[s].lower(jax.tree.map(spec, st.pages), kvs, ids).compile()
         return len(self.buckets)
 
     def pull(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Transfer:
@@ -116,7 +138,8 @@ class KVMigrator:
         dst_ids[:len(dst_blocks)] = dst_blocks
         gathered: list[Any] = []
         for i, st in enumerate(self.src.stages):
-            gathered += list(self._gathers[i](st.pages, jax.device_put(src_ids, replicated(st.mesh))))
+            gather = self._gather_exes.get((i, n), self._gathers[i])
+            gathered += list(gather(st.pages, jax.device_put(src_ids, replicated(st.mesh))))
         per_dst: list[list[Any]] = [[] for _ in self.dst.stages]
         for layer, kv in enumerate(gathered):
             per_dst[self.layer_dst[layer][0]].append(kv)
@@ -126,7 +149,7 @@ class KVMigrator:
             # per-call cost is most of a pull).
             kvs = jax.device_put(tuple(per_dst[s]), NamedSharding(st.mesh, P(TP)))
             ids = jax.device_put(dst_ids, replicated(st.mesh))
-            st.pages, marker = self._scatters[s](st.pages, kvs, ids)
+            st.pages, marker = self._scatter_exes.get((s, n), self._scatters[s])(st.pages, kvs, ids)
             markers.append(marker)
         return Transfer(markers, len(src_blocks) * self.block_bytes * len(gathered))
 

@@ -22,7 +22,7 @@ an engine can dispatch step N+1 before it fetches step N's tokens.
 
 from __future__ import annotations
 
-import atexit
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -41,7 +41,7 @@ from distserve_jax.models.attention import AttentionMetadata, paged_attention
 from distserve_jax.models.config import ModelConfig
 from distserve_jax.models import fusion
 from distserve_jax.models.decoder import DecoderStage, stage_bounds
-from distserve_jax.runtime import kv_cache, prompt_logprobs
+from distserve_jax.runtime import background_compile, kv_cache, prompt_logprobs
 from distserve_jax.runtime.buckets import fine_buckets, geometric_buckets, round_up, rows_for_tokens
 from distserve_jax.runtime.sampling import PenaltyInputs, SamplingTensors, sample_with_feed
 from distserve_jax.runtime.sharding import TP, replicated
@@ -51,11 +51,11 @@ from distserve_jax.sampling_params import SamplingParams
 from pallas_kernels import dispatch
 
 MAX_TOP_LOGPROBS = 20
-WARM_RUN_TOKENS = 64  # warm-up runs the step shapes up to this many tokens once (see `warmup`): every decode
-# batch bucket up to 64 sequences and the short prefills (estimated 1-2 s on SmolLM2 at the server's default sizes)
+WARM_RUN_TOKENS = 64  # step shapes up to this many tokens run once after warm-up, when idle (see `warmup`):
+# every decode batch bucket up to 64 sequences and the short prefills (~4.5 s per instance on SmolLM2 at the
+# server's default sizes)
 _MIN_LOGIT_ROWS = 4
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
-
 
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
@@ -222,6 +222,8 @@ class ModelRunner:
         # Compiled ahead, by (rows, top-n, penalties): (executable, the logits' sharding it takes).
         self._samplers: dict[tuple[int, int, bool], tuple[Any, Any]] = {}
         self._sampler_jobs: dict[tuple[int, int, bool], concurrent.futures.Future] = {}  # compiling in the background
+        self._warm_runs: collections.deque = collections.deque()  # step shapes to run once when idle (`warmup`)
+        self._warm_run_seconds = 0.0
         self._prompt_logprobs = prompt_logprobs.PromptLogprobs(max_partial=4 * c.max_num_seqs)
 
     def _size_cache(self, meshes, params, bounds) -> int:
@@ -405,15 +407,16 @@ class ModelRunner:
     def warmup(self, modes: Sequence[str] = ("prefill", "decode"), *, threads: int | None = None,
                background: bool = True, run_tokens: int = WARM_RUN_TOKENS) -> int:
         """Compiles every bucket of the given modes, and the sampler variants for each logits row
-        count, without running them, then runs the steps of at most `run_tokens` tokens once (a
-        compiled executable's first run is slower; those are cheap to run).
+        count, without running them. The step shapes of at most `run_tokens` tokens are queued to
+        run once later (`run_pending_warm_run`, from the worker's idle turns): a compiled CPU
+        executable's first run is slower than the next ones, and those shapes are cheap to run.
 
         Before it returns: every step shape and the plain sampler (any temperature and filters, no
         top logprobs, no penalties). The variants with top logprobs and/or penalties compile after it
         returns, on a background thread (unless `background` is False); a step that needs one before
         it is ready waits for it. `threads` compile at once (default: the CPUs this process may use,
-        at most 4); a step of a compiled shape then calls the executable compiled here. The runs write
-        only the null page 0. Returns the number of step shapes compiled.
+        at most 4); a step of a compiled shape then calls the executable compiled here. The queued
+        runs write only the null page 0. Returns the number of step shapes compiled.
         """
         shapes = [(mode, t, s, w) for mode in modes for t, s, w in self._bucket_shapes(mode)]
         if threads is None:
@@ -433,30 +436,38 @@ class ModelRunner:
 
         # Largest shapes first: they compile longest, so the pool ends with the short ones.
         shapes.sort(key=lambda sh: -sh[1] * sh[2])
-        with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="warmup") as pool:
+        start = time.perf_counter()
+        with background_compile.COMPILE_PHASES.active(), concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="warmup") as pool:
             for f in [pool.submit(one, sh) for sh in shapes]:
                 f.result()
         # A compiled CPU executable's first run costs tens of ms more than the next ones (measured:
         # ~50 ms per shape on the demo model). Steps of up to `run_tokens` tokens are cheap to run:
         # run each once (writing only the null page 0), so the first requests do not pay it; the
         # long prefill buckets stay compile-only (their first run is dominated by their compute).
-        for mode, t, s, w in sorted(shapes, key=lambda sh: sh[1] * sh[2]):
-            if t <= run_tokens:
-                self._run_step(mode, t, s, w)
+        # A compiled CPU executable's first run costs more than the next ones: on this XLA, mostly
+        # its YNNPACK fusions building their loop pipelines (measured: ~50 ms per shape on the demo
+        # model, ~0.4-0.7 s on SmolLM2). Steps of up to `run_tokens` tokens are cheap to run: each
+        # is queued to run once (on zero inputs, writing only the null page 0) in the worker's idle
+        # turns after start-up, so the first requests do not pay it and start-up does not wait for it;
+        # the long prefill buckets stay compile-only (their first run is dominated by their compute).
+        self._warm_runs = collections.deque(sh for sh in sorted(shapes, key=lambda sh: sh[1] * sh[2])
+                                            if sh[1] <= run_tokens)
+        self._warm_run_seconds = 0.0
         later = [(logits, n_top, pen) for logits in logits_specs.values()
                  for n_top, pen in ((0, True), (MAX_TOP_LOGPROBS, False), (MAX_TOP_LOGPROBS, True))]
-        logging.info("warm-up compiled %d step shapes and %d plain samplers on %d threads; %d sampler variants %s",
-                     len(shapes), len(logits_specs), threads, len(later), "follow in the background" if background
-                     else "next")
+        logging.info("warm-up compiled %d step shapes and %d plain samplers on %d threads in %.1f s (%d shapes "
+                     "run once when idle); %d sampler variants %s", len(shapes), len(logits_specs), threads,
+                     time.perf_counter() - start, len(self._warm_runs), len(later),
+                     "follow in the background" if background else "next")
         jobs = []
         for logits, n_top, pen in later:
             job: concurrent.futures.Future = concurrent.futures.Future()
             self._sampler_jobs[(logits.shape[0], n_top, pen)] = job
             jobs.append((job, functools.partial(self._compile_sampler, logits, n_top, pen)))
         if background:
-            _start_background(jobs)
+            background_compile.start(jobs)
         else:
-            _run_jobs(jobs, threading.Event())
+            background_compile.run_jobs(jobs, threading.Event())
         return len(shapes)
 
     def _bucket_meta(self, mode: str, t: int, s: int, w: int) -> AttentionMetadata:
@@ -467,13 +478,30 @@ class ModelRunner:
             seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
             logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
 
-    def _run_step(self, mode: str, t: int, s: int, w: int) -> None:
-        """Runs one warmed step shape on zero inputs (KV writes go to the null page 0) with the plain
-        sampler, and waits for it."""
+    def has_pending_warm_runs(self) -> bool:
+        """Whether step shapes queued by `warmup` have not run once yet."""
+        return bool(self._warm_runs)
+
+    def warm_runs_ready(self) -> bool:
+        """Whether a queued run may go now: no runner of this process is compiling its shapes."""
+        return bool(self._warm_runs) and background_compile.COMPILE_PHASES.idle()
+
+    def run_pending_warm_run(self) -> bool:
+        """Runs the next queued step shape once on zero inputs (KV writes go to the null page 0) with
+        the plain sampler, and waits for it. The caller holds the pages (no step of its own in
+        flight). False when none is left."""
+        if not self._warm_runs:
+            return False
+        t0 = time.perf_counter()
+        mode, t, s, w = self._warm_runs.popleft()
         meta = self._bucket_meta(mode, t, s, w)
         logits = self.forward(np.zeros(t, np.int32), meta)
         jax.block_until_ready(self._launch_sample(logits, [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))],
                                                   n_top=0))
+        self._warm_run_seconds += time.perf_counter() - t0
+        if not self._warm_runs:
+            logging.info("warm-up: the short step shapes ran once in %.1f s", self._warm_run_seconds)
+        return True
 
     def wait_for_background_warmup(self, timeout: float | None = None) -> None:
         """Waits until the compilations `warmup` left in the background are done (tests, tools)."""
@@ -504,34 +532,3 @@ class ModelRunner:
             return [(t, s, 1) for t in self.token_buckets for s in self.prefill_rows[t]]
         return [(t, s, w) for t in self.token_buckets for s in self.seq_buckets if s <= t
                 for w in self.width_buckets]
-
-
-def _run_jobs(jobs: list[tuple[concurrent.futures.Future, Any]], stop: threading.Event) -> None:
-    """Runs `(future, fn)` jobs in order, each future getting its fn's result or error, until `stop`
-    is set (the jobs left then are cancelled)."""
-    start = time.perf_counter()
-    for job, fn in jobs:
-        if stop.is_set():
-            job.cancel()
-            continue
-        try:
-            job.set_result(fn())
-        except Exception as e:  # noqa: BLE001 - handed to the step that waits for it
-            logging.exception("warm-up: a background compilation failed")
-            job.set_exception(e)
-    if jobs and not stop.is_set():
-        logging.info("warm-up: %d background compilations done in %.1f s", len(jobs), time.perf_counter() - start)
-
-
-def _start_background(jobs: list[tuple[concurrent.futures.Future, Any]]) -> None:
-    """Runs the jobs on a daemon thread. At interpreter exit the thread finishes the compilation it
-    is in and stops (a compilation still running while the interpreter finalises aborts the process)."""
-    stop = threading.Event()
-    thread = threading.Thread(target=_run_jobs, args=(jobs, stop), name="warmup-background", daemon=True)
-
-    def finish() -> None:
-        stop.set()
-        thread.join(60.0)
-
-    atexit.register(finish)
-    thread.start()

@@ -7,6 +7,7 @@ reference run's top-two logit gaps are checked to be clear of ties
 """
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -108,11 +109,20 @@ def test_preemption_under_a_tiny_cache_keeps_greedy_output(make_llm):
     assert sum(o.metrics["num_preemptions"] for o in outs) > 0, "the cache was big enough: nothing was preempted"
 
 
+def _warm_runs_done(workers) -> bool:
+    return all(not w.runner.has_pending_warm_runs() and w.runner._warm_run_seconds > 0 for w in workers)
+
+
 def test_no_recompilation_after_warmup(make_llm):
     llm = make_llm("llama2", max_num_seqs=8, max_num_batched_tokens=128, max_model_len=128, num_blocks=64)
     llm.engine.warmup()
-    for w in llm.engine.executor.workers.values():  # the sampler variants compiled after warm-up returned
+    workers = llm.engine.executor.workers.values()
+    for w in workers:  # the sampler variants compiled after warm-up returned
         w.runner.wait_for_background_warmup()
+    deadline = time.monotonic() + 120  # the idle worker threads run the queued short shapes once
+    while not _warm_runs_done(workers):
+        assert time.monotonic() < deadline, "idle workers did not run the queued warm-up runs"
+        time.sleep(0.05)
     before = compile_counter.count()
     rng = np.random.default_rng(4)
     prompts = [[int(t) for t in rng.integers(3, 256, int(rng.integers(1, 100)))] for _ in range(200)]

@@ -15,7 +15,8 @@ import pytest
 from distserve_jax.engine.model_source import resolve_model
 from distserve_jax.runtime import compile_counter
 from distserve_jax.runtime.buckets import rows_for_tokens
-from distserve_jax.runtime.model_runner import ModelRunner, RunnerConfig, SeqWork
+from distserve_jax.runtime.background_compile import COMPILE_PHASES
+from distserve_jax.runtime.model_runner import WARM_RUN_TOKENS, ModelRunner, RunnerConfig, SeqWork
 from distserve_jax.runtime.sharding import make_mesh
 from distserve_jax.sampling_params import SamplingParams
 
@@ -57,8 +58,20 @@ def test_warmup_compiles_without_running_and_steps_use_its_executables(hf_checkp
     warm, cold = _runner(spec, pp, tp), _runner(spec, pp, tp)
     n = warm.warmup(("prefill", "decode"), threads=2, background=background)
     assert n == len(warm._bucket_shapes("prefill")) + len(warm._bucket_shapes("decode"))
+    # The short shapes are queued to run once (a worker runs them in its idle turns): run them here.
+    queued = list(warm._warm_runs)
+    assert queued and all(t <= WARM_RUN_TOKENS for _, t, _, _ in queued)
+    assert {sh for sh in queued} == {(m, t, s, w) for m in ("prefill", "decode") for t, s, w in warm._bucket_shapes(m)
+                                     if t <= WARM_RUN_TOKENS}
+    with COMPILE_PHASES.active():  # another runner of this process compiling: the runs wait for it
+        assert warm.has_pending_warm_runs() and not warm.warm_runs_ready()
+    assert warm.warm_runs_ready()
+    runs = 0
+    while warm.run_pending_warm_run():
+        runs += 1
+    assert runs == len(queued) and not warm.has_pending_warm_runs()
     for st in warm.stages:
-        # The short shapes ran once: only the null page 0 (axis 1 of `[H, pages, PS, D]`) may be written.
+        # Only the null page 0 (axis 1 of `[H, pages, PS, D]`) may be written by those runs.
         assert all(not np.asarray(p)[:, 1:].any() for p in jax.tree_util.tree_leaves(st.pages)), "warm-up wrote KV"
         assert st.forward._cache_size() == 0, "warm-up went through the jitted forward"
     before = compile_counter.count()
