@@ -64,6 +64,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     """A Ray on this machine that listens on loopback only, with usage stats and the dashboard off.
     Call before `ray` is first imported in this process (the loopback switch is read then)."""
     os.environ.update(_LOOPBACK_ENV)
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")  # see RayExecutor.__init__
     import ray
 
     # address="local": always a new Ray of our own, never one found running on the machine.
@@ -94,6 +95,9 @@ class RayExecutor:
             os.environ.update(_LOOPBACK_ENV)
         # Ray's C++ failure-signal handler would take SIGTERM from the server's drain (this process's).
         os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        # A Ray call after `shutdown` (an event reader mid-iteration) must fail, not start a new Ray
+        # of its own from that thread (read when `ray` is first imported).
+        os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
         import ray
 
         self._ray = ray
@@ -313,6 +317,11 @@ class RayExecutor:
                 self._ray.kill(a, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        # The event readers end once their actors' streams break; none may touch Ray after it stops.
+        deadline = time.monotonic() + timeout
+        for t in list(getattr(self, "_readers", ())):
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
         if self.owns_ray and self._ray.is_initialized():
             self._ray.shutdown()
             self.owns_ray = False
