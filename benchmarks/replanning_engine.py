@@ -1,5 +1,6 @@
 """Replanning on the engine (benchmark CLI): a step shift in load served by a real engine, with the
-replanner off (static-old) and on, side by side in one run.
+replanner off (static-old), on (replanner), and off from the placement the replanner ended at
+(static-oracle: the planner's choice for the new load, serving from the start), in one run.
 
 The engine is the server's core (`build_core` + `planner.online.MonitoredCore`, the replanner built
 by `planner.online.build_replanner` as `--replan=on` builds it) on the demo model, starting from
@@ -89,8 +90,8 @@ def make_trace(tokenizer: Any) -> list:
             for r, a in zip(reqs, times)]
 
 
-def build(replan: bool, slo: metrics.SLO | None) -> tuple[Any, Any]:
-    core = build_core("demo", placement=Placement((InstanceSpec(),), (InstanceSpec(),)),
+def build(replan: bool, slo: metrics.SLO | None, placement: Placement | None = None) -> tuple[Any, Any]:
+    core = build_core("demo", placement=placement or Placement((InstanceSpec(),), (InstanceSpec(),)),
                       devices=jax.devices()[:FLAGS.num_devices], executor=FLAGS.executor,
                       max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs, seed=FLAGS.seed)
     core.warmup()
@@ -128,8 +129,8 @@ def buckets(records: list, trace: list, slo: metrics.SLO) -> list[tuple[float, f
             for k, g in enumerate(groups)]
 
 
-def serve(policy: str, trace: list, slo: metrics.SLO) -> dict[str, Any]:
-    core, mc = build(policy == "replanner", slo)
+def serve(policy: str, trace: list, slo: metrics.SLO, placement: Placement | None = None) -> dict[str, Any]:
+    core, mc = build(policy == "replanner", slo, placement)
     try:
         t0 = core.clock()
         wall = time.perf_counter()
@@ -142,7 +143,7 @@ def serve(policy: str, trace: list, slo: metrics.SLO) -> dict[str, Any]:
                  if s.load.free_blocks != s.load.total_blocks}
         log = [dict(e, time=e["time"] - t0) for e in (mc.replanner.log if mc.replanner is not None else [])]
         now = core.current_placement()
-        placement = now.describe() if now is not None else core.info().get("placement")
+        described = now.describe() if now is not None else core.info().get("placement")
     finally:
         mc.shutdown()
     recs = res.records
@@ -153,7 +154,7 @@ def serve(policy: str, trace: list, slo: metrics.SLO) -> dict[str, Any]:
             "before": metrics.attainment(before, slo), "after": metrics.attainment(after, slo),
             "recovery_s": recovery_time(series, FLAGS.before_s, FLAGS.target),
             "finished": sum(r.completed for r in recs), "requests": len(recs), "timed_out": res.timed_out,
-            "changes": changes, "leaked_blocks": leaks, "log": log, "final_placement": placement}
+            "changes": changes, "leaked_blocks": leaks, "log": log, "final_placement": described, "placement": now}
 
 
 def plot(path: str, runs: list[dict], slo: metrics.SLO) -> None:
@@ -191,6 +192,11 @@ def main(argv: list[str]) -> None:
           f"{slo.ttft_s * 1e3:.0f} ms, TPOT <= {slo.tpot_s * 1e3:.1f} ms ({FLAGS.ttft_scale:g}x / "
           f"{FLAGS.tpot_scale:g}x), target {FLAGS.target:.0%}", flush=True)
     runs = [serve(p, trace, slo) for p in ("static-old", "replanner")]
+    oracle = runs[1]["placement"]
+    if oracle is not None and oracle.describe() != runs[0]["final_placement"]:
+        runs.append(serve("static-oracle", trace, slo, oracle))
+    else:
+        print("static-oracle: the replanner kept the old placement, so it is static-old", flush=True)
     print(f"\n{'policy':<12} {'att. before':>11} {'att. after':>10} {'recovery s':>10} {'finished':>9} "
           f"{'changes':>8} {'wall s':>7} {'leaked':>7}  final placement")
     for r in runs:
