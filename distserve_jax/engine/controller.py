@@ -93,8 +93,12 @@ class Controller(LivePlacement):
     def __init__(self, spec: ModelSpec, executor: Any, roles: dict[str, str], *, max_model_len: int,
                  mode: str, placement: str, seed: int = 0, clock: Callable[[], float] = time.perf_counter,
                  poll_timeout: float = 0.05, max_recomputes: int = 2,
-                 layout: Sequence[tuple[str, str, int, int, tuple[int, ...] | None]] | None = None):
+                 layout: Sequence[tuple[str, str, int, int, tuple[int, ...] | None]] | None = None,
+                 log_preemptions: bool = True):
         self.spec, self.executor, self.roles = spec, executor, dict(roles)
+        # Each preemption is logged at INFO (a server's operator wants them); a simulation of
+        # thousands of requests logs them at DEBUG.
+        self._log_preemption = logging.info if log_preemptions else logging.debug
         self.mode, self.placement = mode, placement
         self.max_model_len = max_model_len
         self.clock, self.poll_timeout = clock, poll_timeout
@@ -332,7 +336,7 @@ class Controller(LivePlacement):
             tr.holders.discard(e.worker)
             self._recompute(tr, f"its KV on {tr.source} was lost: {e.error}")
         elif isinstance(e, m.Preempted):
-            logging.info("%s preempted %s (KV cache full); recomputing it", e.worker, tr.req.request_id)
+            self._log_preemption("%s preempted %s (KV cache full); recomputing it", e.worker, tr.req.request_id)
             tr.holders.discard(e.worker)
             tr.req.num_preemptions += 1
             self._admit(tr)

@@ -335,7 +335,8 @@ def make_controller(executor: SimExecutor) -> Controller:
     """The production `Controller` over a simulated deployment (its clock is the simulator's)."""
     d = executor.deployment
     return Controller(SimSpec(), executor, {i.name: i.role for i in d.instances}, max_model_len=d.max_model_len,
-                      mode=d.mode, placement=d.describe(), seed=0, clock=executor.clock, poll_timeout=0.0)
+                      mode=d.mode, placement=d.describe(), seed=0, clock=executor.clock, poll_timeout=0.0,
+                      log_preemptions=False)
 
 
 def to_record(request_id: str, prompt_len: int, out: Any) -> RequestRecord:
