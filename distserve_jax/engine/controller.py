@@ -358,9 +358,15 @@ class Controller(LivePlacement):
             r.prefill_end = e.time
         ro, reason = self.outputs.process(r.request_id, e.token_id, e.logprob, e.top_logprobs,
                                           prompt_logprobs=e.prompt_logprobs)
+        self._took_tokens(tr, ro, reason, e.time)
+
+    def _took_tokens(self, tr: _Tracked, ro: RequestOutput, reason: str | None, t: float) -> None:
+        """After a request's new tokens (the last at `t`): ends it if `reason`, else marks it running;
+        queues its output."""
+        r = tr.req
         if reason is not None:
-            r.finish_time = e.time
-            self.monitor.on_finish(e.time, len(r.prompt_token_ids), len(r.output_token_ids))
+            r.finish_time = t
+            self.monitor.on_finish(t, len(r.prompt_token_ids), len(r.output_token_ids))
             ro.metrics = request_metrics(r)
             self._end(tr, reason)
         elif r.status is RequestStatus.WAITING:
@@ -387,13 +393,7 @@ class Controller(LivePlacement):
             ro, reason, n = self.outputs.process_plain(r.request_id, ids)
             r.output_token_ids.extend(ids[:n])
             r.token_times.extend(e.times[:n])
-            if reason is not None:
-                r.finish_time = e.times[n - 1]
-                ro.metrics = request_metrics(r)
-                self._end(tr, reason)
-            elif r.status is RequestStatus.WAITING:
-                r.status = RequestStatus.RUNNING
-            self._pending_outputs.append(ro)
+            self._took_tokens(tr, ro, reason, e.times[n - 1])
 
     def _dispatch_pulls(self) -> None:
         """FCFS: each prefilled request goes to the least loaded decode worker with room."""

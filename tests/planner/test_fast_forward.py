@@ -85,19 +85,23 @@ def _serve(ff: bool, params):
         for out in ctrl.step():
             if out.finished:
                 done[out.request_id] = (out.token_ids, out.finish_reason, out.logprobs, out.metrics)
-    return done, ex
+    return done, ex, ctrl
 
 
 def test_token_runs_of_requests_with_per_token_rules():
     params = [SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=["never"]),
               SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True, logprobs=1),
               SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)]
-    fast, ex = _serve(True, params)
-    slow, _ = _serve(False, params)
+    fast, ex, fast_ctrl = _serve(True, params)
+    slow, _, slow_ctrl = _serve(False, params)
     assert ex.num_plans > 0
     assert fast == slow
     assert [len(fast[str(i)][0]) for i in range(3)] == [40, 25, 30]
     assert len(fast["1"][2]) == 25  # one logprobs entry per token, through the per-token path
+    # The workload monitor sees every completion either way (the plain request's came in a run).
+    for ctrl in (fast_ctrl, slow_ctrl):
+        window = ctrl.monitor.window(ctrl.clock(), 600.0)
+        assert sorted(window.output_lens) == [25, 30, 40]
 
 
 def test_fast_forward_while_pulls_wait_for_a_batch_slot():
