@@ -57,6 +57,7 @@ WARM_RUN_TOKENS = 64  # step shapes up to this many tokens run once after warm-u
 _MIN_LOGIT_ROWS = 4
 CPU_KV_BUDGET_BYTES = 2 << 30  # default KV cache size per stage when devices do not report memory
 
+
 @dataclasses.dataclass(frozen=True)
 class RunnerConfig:
     """Sizes of one instance's runtime.
@@ -153,6 +154,11 @@ class _Stage:
         exe = self.forward.lower(self.params, self.page_specs, x, meta, feed).compile()
         self.executables[step_key(x, meta, feed)] = exe
         return exe.out_info[0]
+
+
+def _null_works() -> list[SeqWork]:
+    """One greedy sequence on the null page: what warm-up runs steps and compiles samplers with."""
+    return [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))]
 
 
 def step_key(x: Any, meta: AttentionMetadata, feed: Any) -> tuple:
@@ -440,10 +446,6 @@ class ModelRunner:
         with background_compile.COMPILE_PHASES.active(), concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="warmup") as pool:
             for f in [pool.submit(one, sh) for sh in shapes]:
                 f.result()
-        # A compiled CPU executable's first run costs tens of ms more than the next ones (measured:
-        # ~50 ms per shape on the demo model). Steps of up to `run_tokens` tokens are cheap to run:
-        # run each once (writing only the null page 0), so the first requests do not pay it; the
-        # long prefill buckets stay compile-only (their first run is dominated by their compute).
         # A compiled CPU executable's first run costs more than the next ones: on this XLA, mostly
         # its YNNPACK fusions building their loop pipelines (measured: ~50 ms per shape on the demo
         # model, ~0.4-0.7 s on SmolLM2). Steps of up to `run_tokens` tokens are cheap to run: each
@@ -496,8 +498,7 @@ class ModelRunner:
         mode, t, s, w = self._warm_runs.popleft()
         meta = self._bucket_meta(mode, t, s, w)
         logits = self.forward(np.zeros(t, np.int32), meta)
-        jax.block_until_ready(self._launch_sample(logits, [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))],
-                                                  n_top=0))
+        jax.block_until_ready(self._launch_sample(logits, _null_works(), n_top=0))
         self._warm_run_seconds += time.perf_counter() - t0
         if not self._warm_runs:
             logging.info("warm-up: the short step shapes ran once in %.1f s", self._warm_run_seconds)
@@ -520,8 +521,7 @@ class ModelRunner:
 
     def _compile_sampler(self, logits: jax.ShapeDtypeStruct, n_top: int, penalties: bool) -> None:
         rows = logits.shape[0]
-        works = [SeqWork([0], 0, [0], SamplingParams(temperature=0.0))]
-        tensors, _, pen = self._sampler_inputs(rows, works, n_top, penalties)
+        tensors, _, pen = self._sampler_inputs(rows, _null_works(), n_top, penalties)
         exe = self._sample.lower(logits, tensors, num_top_logprobs=n_top, penalties=pen).compile()
         self._samplers[(rows, n_top, penalties)] = (exe, logits.sharding)
 
