@@ -107,13 +107,10 @@ class KVMigrator:
         them or touching either cache (so it needs neither instance's pages lock, and can compile
         while the instances compile their steps). A pull of a compiled bucket then calls these
         executables (no tracing, no jit dispatch). Returns the number of buckets."""
-        def spec(a):
-            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-
         for n in self.buckets:
             out_specs: list[Any] = []
             for i, st in enumerate(self.src.stages):
-                pages = jax.tree.map(spec, st.pages)
+                pages = st.page_specs  # (never the pages themselves: a step may be swapping them)
                 ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=replicated(st.mesh))
                 self._gather_exes[i, n] = self._gathers[i].lower(pages, ids).compile()
                 out_specs += list(jax.eval_shape(self._gathers[i], pages, ids))
@@ -124,7 +121,7 @@ class KVMigrator:
                 into = NamedSharding(st.mesh, P(TP))  # what `pull`'s batched device_put hands the scatter
                 kvs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=into), tuple(per_dst[s]))
                 ids = jax.ShapeDtypeStruct((n,), jnp.int32, sharding=replicated(st.mesh))
-                self._scatter_exes[s, n] = self._scatters[s].lower(jax.tree.map(spec, st.pages), kvs, ids).compile()
+                self._scatter_exes[s, n] = self._scatters[s].lower(st.page_specs, kvs, ids).compile()
         return len(self.buckets)
 
     def pull(self, src_blocks: Sequence[int], dst_blocks: Sequence[int]) -> Transfer:
