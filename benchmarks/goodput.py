@@ -331,7 +331,7 @@ def main(argv: list[str]) -> None:
     for mode in modes:
         t0 = time.perf_counter()
         core = make_core(mode, devices)
-        shapes = core.warmup()  # step buckets, and for disaggregated every KV pull size
+        shapes = core.warmup(wait_background=True)  # step buckets, every KV pull size; then the deferred work
         setup[mode] = {"layout": describe(core), "warmup_shapes": shapes, "build_s": time.perf_counter() - t0}
         calib[mode] = calibrate(core, trace, mode)
         print(f"{mode:>13} [{setup[mode]['layout']}]: warm-up {shapes} shapes in {setup[mode]['build_s']:.0f}s; "

@@ -138,7 +138,7 @@ def main(argv):
         llm = LLM(FLAGS.model, placement=placement, **kw)
         core = llm.engine
         vocab = llm.spec.config.vocab_size
-    core.warmup()
+    core.warmup(wait_background=True)  # measure steady state: not the deferred warm-up work
     res = measure(core, vocab)
     info = core.info()
     res["controller_host_ms_per_event"] = (1e3 * info.get("controller_host_seconds", float("nan"))

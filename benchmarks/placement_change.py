@@ -47,7 +47,7 @@ def _run(prompts: list[list[int]], handoff: bool) -> dict:
     core = build_core(FLAGS.model, placement=Placement((InstanceSpec(),), (InstanceSpec(), InstanceSpec())),
                       max_model_len=FLAGS.prompt_len + FLAGS.max_tokens + 16, max_num_seqs=FLAGS.max_num_seqs)
     try:
-        core.warmup()
+        core.warmup(wait_background=True)  # measure steady state: not the deferred warm-up work
         params = SamplingParams(temperature=0.0, max_tokens=FLAGS.max_tokens, ignore_eos=True)
         for i, p in enumerate(prompts):
             core.add_request(str(i), prompt_token_ids=p, params=params)

@@ -94,7 +94,7 @@ def build(replan: bool, slo: metrics.SLO | None, placement: Placement | None = N
     core = build_core("demo", placement=placement or Placement((InstanceSpec(),), (InstanceSpec(),)),
                       devices=jax.devices()[:FLAGS.num_devices], executor=FLAGS.executor,
                       max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs, seed=FLAGS.seed)
-    core.warmup()
+    core.warmup(wait_background=True)  # measure steady state: not the deferred warm-up work
     replanner = None
     if replan:
         settings = ReplanSettings(interval_s=FLAGS.interval_s, min_gain=FLAGS.min_gain, window_s=FLAGS.window_s,

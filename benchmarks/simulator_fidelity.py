@@ -102,7 +102,7 @@ def real_core(name: str):
         core = build_core(FLAGS.model, placement=Placement((InstanceSpec(tp=1),), (InstanceSpec(tp=1),)), **kw)
     else:
         core = build_core(FLAGS.model, mode=mode, tp=1, replicas=len(specs), **kw)
-    core.warmup()
+    core.warmup(wait_background=True)  # measure steady state: not the deferred warm-up work
     return core
 
 

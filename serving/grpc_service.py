@@ -120,7 +120,8 @@ class DistServeServicer(pb_grpc.DistServeServicer):
                                        pid=int(i.get("pid") or 0), cores=[int(c) for c in i.get("cores") or []],
                                        restarts=int(i.get("restarts") or 0),
                                        leaving=bool(i.get("leaving", False)),
-                                       shares_cores_with=[str(n) for n in i.get("shares_cores_with") or []])
+                                       shares_cores_with=[str(n) for n in i.get("shares_cores_with") or []],
+                                       warming=bool(i.get("warming", False)))
                        for i in info.get("instances", [])])
 
 

@@ -53,6 +53,8 @@ from distserve_jax.scheduler.routing import blocks_for, pick_decode, pick_prefil
 if TYPE_CHECKING:  # the model source loads weights (JAX); a spec is only read here (the simulator passes its own)
     from distserve_jax.engine.model_source import ModelSpec
 
+WARM_POLL_S = 0.5  # `wait_warm` asks the workers this often
+
 _FINISH_STATUS = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
                   "abort": RequestStatus.FINISHED_ABORTED, "error": RequestStatus.FINISHED_ABORTED}
 
@@ -473,13 +475,35 @@ class Controller(LivePlacement):
             for e in self.executor.poll(self.poll_timeout):
                 self._on_event(e)
 
-    def warmup(self) -> int:
-        """Compiles every step bucket of every worker and every pull size of every worker pair."""
+    def warmup(self, *, wait_background: bool = False, timeout: float = 600.0) -> int:
+        """Compiles every step bucket of every worker and every pull size of every worker pair.
+
+        It returns once requests can be served at compiled speed; the workers then still finish
+        what warm-up leaves for later (sampler variants compiling in the background, the first run
+        of each short step shape in their idle turns), which takes their cores for a while (seconds
+        to minutes on a CPU host). `wait_background=True` also waits for that (`wait_warm`): what a
+        measurement of steady-state serving needs."""
         if hasattr(self.executor, "warm_new_workers"):
             self.executor.warm_new_workers = True  # instances added later compile before they join
-        shapes = sum(s.warmed_shapes for s in self.quiesce(warmup=True).values())
+        shapes = sum(s.warmed_shapes for s in self.quiesce(warmup=True, timeout=timeout).values())
         warm_pulls = getattr(self.executor, "warm_pulls", None)  # pulls that cross processes
-        return shapes + (warm_pulls() if warm_pulls is not None else 0)
+        shapes += warm_pulls() if warm_pulls is not None else 0
+        if wait_background:
+            self.wait_warm(timeout)
+        return shapes
+
+    def wait_warm(self, timeout: float = 600.0, poll_s: float = WARM_POLL_S) -> float:
+        """Waits until no live worker has warm-up work left (`WorkerLoad.warming`); the seconds it
+        waited. TimeoutError names the workers still warming after `timeout`. Asks every `poll_s`
+        (a worker runs its pending warm runs only in turns with no command to apply)."""
+        start = time.monotonic()
+        while True:
+            warming = sorted(n for n, s in self.quiesce(timeout=timeout).items() if s.load.warming)
+            if not warming:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"workers {warming} still had warm-up work after {timeout}s")
+            time.sleep(poll_s)
 
     @property
     def num_discarded_rows(self) -> int:

@@ -119,6 +119,7 @@ class WorkerLoad:
     step_time_buckets: tuple[int, ...] = ()  # cumulative counts per `STEP_TIME_BUCKETS` bound, then +Inf
     step_time_sum: float = 0.0
     alive: bool = True
+    warming: bool = False  # work its warm-up left for later is still running (`ModelRunner.has_background_work`)
 
     @property
     def load(self) -> int:
@@ -130,7 +131,7 @@ class WorkerLoad:
         d = {"name": self.name, "role": "both" if self.role == "colocated" else self.role, "tp": self.tp, "pp": self.pp, "devices": list(self.devices),
              "num_waiting": self.num_waiting, "num_running": self.num_running,
              "free_blocks": self.free_blocks, "total_blocks": self.total_blocks,
-             "num_steps": self.num_steps, "alive": self.alive,
+             "num_steps": self.num_steps, "alive": self.alive, "warming": self.warming,
              "busy_fraction": self.busy_seconds / self.uptime_seconds if self.uptime_seconds > 0 else 0.0,
              "step_time_buckets": list(self.step_time_buckets), "step_time_sum": self.step_time_sum}
         if self.role == "prefill":

@@ -273,7 +273,8 @@ class InstanceWorker:
             free_blocks=self.blocks.num_free, total_blocks=self.blocks.num_total, block_size=self.blocks.block_size,
             max_num_seqs=s.config.max_num_seqs, max_inflight_pulls=getattr(s, "max_inflight_pulls", 0),
             num_steps=self.num_steps, busy_seconds=self.busy_seconds, uptime_seconds=self.clock() - self.started,
-            step_time_buckets=tuple(self.step_time_buckets), step_time_sum=self.step_time_sum)
+            step_time_buckets=tuple(self.step_time_buckets), step_time_sum=self.step_time_sum,
+            warming=bool(getattr(self.runner, "has_background_work", lambda: False)()))
 
     # ------------------------------------------------------------ steps
     def step(self) -> bool:

@@ -480,6 +480,11 @@ class ModelRunner:
             seq_lens=np.zeros(s, np.int32), block_tables=np.zeros((s, w), np.int32),
             logits_indices=np.zeros(round_up(s, self.logit_row_buckets), np.int32), mode=mode)
 
+    def has_background_work(self) -> bool:
+        """Whether work `warmup` left for later is not done yet: sampler variants compiling in the
+        background, or short step shapes not run once (either takes the host's cores meanwhile)."""
+        return bool(self._warm_runs) or any(not j.done() for j in self._sampler_jobs.values())
+
     def has_pending_warm_runs(self) -> bool:
         """Whether step shapes queued by `warmup` have not run once yet."""
         return bool(self._warm_runs)

@@ -128,7 +128,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("name", "role", "tp", "pp", "num_waiting", "num_running", "free_blocks", "total_blocks", "devices", "num_steps", "busy_fraction", "alive", "node", "pid", "cores", "restarts", "leaving", "shares_cores_with")
+    __slots__ = ("name", "role", "tp", "pp", "num_waiting", "num_running", "free_blocks", "total_blocks", "devices", "num_steps", "busy_fraction", "alive", "node", "pid", "cores", "restarts", "leaving", "shares_cores_with", "warming")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class InstanceInfo(_message.Message):
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     LEAVING_FIELD_NUMBER: _ClassVar[int]
     SHARES_CORES_WITH_FIELD_NUMBER: _ClassVar[int]
+    WARMING_FIELD_NUMBER: _ClassVar[int]
     name: str
     role: str
     tp: int
@@ -165,7 +166,8 @@ class InstanceInfo(_message.Message):
     restarts: int
     leaving: bool
     shares_cores_with: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., devices: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., alive: _Optional[bool] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., cores: _Optional[_Iterable[int]] = ..., restarts: _Optional[int] = ..., leaving: _Optional[bool] = ..., shares_cores_with: _Optional[_Iterable[str]] = ...) -> None: ...
+    warming: bool
+    def __init__(self, name: _Optional[str] = ..., role: _Optional[str] = ..., tp: _Optional[int] = ..., pp: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., free_blocks: _Optional[int] = ..., total_blocks: _Optional[int] = ..., devices: _Optional[_Iterable[int]] = ..., num_steps: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., alive: _Optional[bool] = ..., node: _Optional[str] = ..., pid: _Optional[int] = ..., cores: _Optional[_Iterable[int]] = ..., restarts: _Optional[int] = ..., leaving: _Optional[bool] = ..., shares_cores_with: _Optional[_Iterable[str]] = ..., warming: _Optional[bool] = ...) -> None: ...
 
 class PlacementChangeInfo(_message.Message):
     __slots__ = ("target", "state", "added", "removed", "started_at", "finished_at", "error")

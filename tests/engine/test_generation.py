@@ -7,7 +7,6 @@ reference run's top-two logit gaps are checked to be clear of ties
 """
 
 import dataclasses
-import time
 
 import numpy as np
 import pytest
@@ -115,14 +114,13 @@ def _warm_runs_done(workers) -> bool:
 
 def test_no_recompilation_after_warmup(make_llm):
     llm = make_llm("llama2", max_num_seqs=8, max_num_batched_tokens=128, max_model_len=128, num_blocks=64)
-    llm.engine.warmup()
+    # Waits for what warm-up leaves for later: the background sampler variants, and the queued
+    # short shapes that the idle worker threads run once.
+    llm.engine.warmup(wait_background=True, timeout=120)
     workers = llm.engine.executor.workers.values()
-    for w in workers:  # the sampler variants compiled after warm-up returned
-        w.runner.wait_for_background_warmup()
-    deadline = time.monotonic() + 120  # the idle worker threads run the queued short shapes once
-    while not _warm_runs_done(workers):
-        assert time.monotonic() < deadline, "idle workers did not run the queued warm-up runs"
-        time.sleep(0.05)
+    assert _warm_runs_done(workers), "warmup(wait_background=True) returned before the idle warm runs"
+    assert not any(w.runner.has_background_work() for w in workers)
+    assert [i["warming"] for i in llm.engine.info()["instances"]] == [False] * len(workers)
     before = compile_counter.count()
     rng = np.random.default_rng(4)
     prompts = [[int(t) for t in rng.integers(3, 256, int(rng.integers(1, 100)))] for _ in range(200)]

@@ -65,6 +65,7 @@ def test_warmup_compiles_without_running_and_steps_use_its_executables(hf_checkp
                                      if t <= WARM_RUN_TOKENS}
     with COMPILE_PHASES.active():  # another runner of this process compiling: the runs wait for it
         assert warm.has_pending_warm_runs() and not warm.warm_runs_ready()
+    assert warm.has_background_work()  # what a worker reports as `warming`
     assert warm.warm_runs_ready()
     runs = 0
     while warm.run_pending_warm_run():
@@ -79,6 +80,7 @@ def test_warmup_compiles_without_running_and_steps_use_its_executables(hf_checkp
     # compiling: a step that needs one waits for it.
     got = _steps(warm)
     warm.wait_for_background_warmup()
+    assert not warm.has_background_work()
     if not background:
         assert compile_counter.count() == before, f"{compile_counter.count() - before} compilations after warm-up"
     assert all(st.forward._cache_size() == 0 for st in warm.stages), "a warmed step shape went through jit"

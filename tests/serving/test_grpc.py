@@ -172,6 +172,7 @@ def test_server_info(server):
     assert len(info.instances) == 1 and info.instances[0].role == "both" and info.instances[0].total_blocks > 0
     inst = info.instances[0]
     assert list(inst.devices) == [0] and inst.alive and 0 <= inst.busy_fraction <= 1 and inst.num_steps >= 0
+    assert not inst.warming  # started with --nowarmup: no warm-up work left for later
 
 
 def test_health_and_reflection(server):
