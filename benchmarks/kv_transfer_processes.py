@@ -28,7 +28,7 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("sizes_mib", ["1", "16", "64", "256"], "Payload sizes (MiB).")
+flags.DEFINE_list("sizes_mib", ["1", "16", "64", "256"], "Payload sizes (MiB; fractions allowed).")
 flags.DEFINE_integer("repeats", 5, "Timed repeats per size and method (after one warm-up).")
 flags.DEFINE_integer("transfer_size_mib", 4, "The transfer servers' chunk size (KVOfferServer transfer_size).")
 flags.DEFINE_integer("channels", 2, "Bulk transport sockets per transfer server (the engine's: kv_offer.CHANNELS).")
@@ -44,9 +44,9 @@ def _pieces(shape: tuple[int, ...], piece_mib: int) -> list[tuple[int, int]]:
     return block_pieces(shape[3], max(1, (piece_mib << 20) // per_block) if piece_mib > 0 else 0)
 
 
-def _shape(mib: int) -> tuple[int, ...]:
+def _shape(mib: float) -> tuple[int, ...]:
     per_block = 2 * 16 * 64 * 4  # K and V, 16 tokens, head_dim 64, float32, per head and layer
-    blocks = max(1, (mib << 20) // (per_block * 8 * 4))  # 8 layers x 4 heads
+    blocks = max(1, int(mib * 2**20) // (per_block * 8 * 4))  # 8 layers x 4 heads
     return (2, 8, 4, blocks, 16, 64)
 
 
@@ -75,7 +75,7 @@ def _sender(core: int, conn, sizes: list[int], repeats: int, server_kw: dict) ->
     tcp, _ = lsock.accept()
     for mib in sizes:
         shape = _shape(mib)
-        arr = jnp.asarray(np.random.default_rng(mib).standard_normal(shape, np.float32))
+        arr = jnp.asarray(np.random.default_rng(int(mib * 1024)).standard_normal(shape, np.float32))
         raw = np.asarray(arr).tobytes()
         pieces = _pieces(shape, server_kw["piece_mib"])
         layout = KVLayout(shape[3], 16, 64, "float32", shape[2], 1, ((shape[1], 1),),
@@ -126,7 +126,7 @@ def _receiver(core: int, conn, out, sizes: list[int], repeats: int, server_kw: d
             pending.wait(60.0)
             dt = time.perf_counter() - t
             if i == 0:
-                expect = np.random.default_rng(mib).standard_normal(shape, np.float32)
+                expect = np.random.default_rng(int(mib * 1024)).standard_normal(shape, np.float32)
                 got_all = np.concatenate([np.asarray(x) for x in pending.leaves], axis=3)
                 ok = bool(np.array_equal(got_all, expect))
             conn.send("pulled")
@@ -148,7 +148,7 @@ def _receiver(core: int, conn, out, sizes: list[int], repeats: int, server_kw: d
 
 def main(argv):
     del argv
-    sizes = [int(x) for x in FLAGS.sizes_mib]
+    sizes = [float(x) for x in FLAGS.sizes_mib]
     cores = sorted(os.sched_getaffinity(0))
     ctx = mp.get_context("spawn")
     s_end, r_end = ctx.Pipe()  # sender <-> receiver
@@ -174,7 +174,7 @@ def main(argv):
     print(f"{'MiB':>6} {'pull ms':>9} {'pull GB/s':>10} {'TCP ms':>8} {'TCP GB/s':>9} {'pull/TCP':>9}  bitwise")
     for mib in sizes:
         nbytes, pull, tcp, ok = results[mib]
-        print(f"{nbytes / 2**20:6.0f} {pull * 1e3:9.1f} {nbytes / pull / 1e9:10.2f} {tcp * 1e3:8.1f} "
+        print(f"{nbytes / 2**20:6.2f} {pull * 1e3:9.1f} {nbytes / pull / 1e9:10.2f} {tcp * 1e3:8.1f} "
               f"{nbytes / tcp / 1e9:9.2f} {tcp / pull:9.2f}  {'ok' if ok else 'WRONG'}")
 
 

@@ -208,6 +208,10 @@ class _RayTransfer:
         self.proc, self.pending, self.dst_blocks, self.offer = proc, pending, dst_blocks, offer
         self.num_bytes = offer.layout.num_bytes * offer.num_blocks // offer.layout.num_blocks
 
+    def ready(self) -> bool:
+        """Whether `wait` would land (or fail) without waiting for the transfer."""
+        return self.pending.ready(self.proc.pull_timeout_s)
+
     def wait(self) -> None:
         import jax
 

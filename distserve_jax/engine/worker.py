@@ -73,13 +73,17 @@ class InstanceWorker:
       warmup: compiles what this worker runs (its step buckets, and its pulls for a decode worker).
       pages_lock: held while launching a step, so a pull reading this cache never sees pages mid-swap.
       after_command: called with each command once it is applied (on the worker's thread).
+      land_ready_pulls: a step lands only the pulls that have finished (the running batch keeps
+        decoding while the others are in flight) and waits for one only when it has nothing else
+        to run; False: every step waits for all the pulls started before it (the order of landings
+        then depends on steps alone, not on transfer timing: what a step-by-step replay needs).
     """
 
     def __init__(self, name: str, role: str, *, runner: Any, blocks: BlockManager, scheduler: Scheduler,
                  emit: Emit, clock: Callable[[], float], async_scheduling: bool = True, tp: int = 1, pp: int = 1,
                  devices: tuple[int, ...] = (), kv_pull: KVPull | None = None,
                  warmup: Callable[[], int] | None = None, pages_lock: Any = None,
-                 after_command: Callable[[Any], None] | None = None):
+                 after_command: Callable[[Any], None] | None = None, land_ready_pulls: bool = True):
         if role not in ("prefill", "decode", "colocated"):
             raise ValueError(f"unknown worker role {role!r}")
         self.name, self.role = name, role
@@ -88,6 +92,7 @@ class InstanceWorker:
         self.async_scheduling = async_scheduling and (pp == 1 or role != "decode")
         self.tp, self.pp, self.devices = tp, pp, tuple(devices)
         self.kv_pull, self._warmup, self._after_command = kv_pull, warmup, after_command
+        self.land_ready_pulls = land_ready_pulls
         self.pages_lock = pages_lock if pages_lock is not None else contextlib.nullcontext()
         self.requests: dict[str, Request] = {}
         self.inflight: InFlightStep | None = None
@@ -364,9 +369,21 @@ class InstanceWorker:
                 self.emit(m.Preempted(self.name, rid))
 
     def _land_pulls(self) -> bool:
-        """Waits for the pulls started since the last step; their requests join the batch."""
-        pulls, self.pulls = self.pulls, []
-        for r, source, transfer, start in pulls:
+        """Lands the pulls started since earlier steps (see `land_ready_pulls`); their requests join
+        the batch. A pull from a failed source ends its request with `PullFailed`."""
+        if not self.pulls:
+            return False
+        if self.land_ready_pulls:
+            done = [_ready(p[2]) for p in self.pulls]
+            if not any(done) and self.inflight is None and not self.scheduler.running:
+                done[0] = True  # nothing else to run: wait for the oldest
+            if not any(done):
+                return False
+            landing = [p for p, d in zip(self.pulls, done) if d]
+            self.pulls = [p for p, d in zip(self.pulls, done) if not d]
+        else:
+            landing, self.pulls = self.pulls, []
+        for r, source, transfer, start in landing:
             try:
                 transfer.wait()
             except KVSourceError as e:
@@ -378,7 +395,14 @@ class InstanceWorker:
             if r.request_id in self.handoffs:
                 self.scheduler.running.remove(r)  # handed off while it was being pulled: not scheduled here
             self.emit(m.Pulled(self.name, r.request_id, source, transfer.num_bytes, start, self.clock()))
-        return bool(pulls)
+        return True
+
+
+def _ready(transfer: Any) -> bool:
+    """Whether a pull can land without waiting (or has failed: `wait` raises at once). A transfer
+    without `ready` is waited for."""
+    ready = getattr(transfer, "ready", None)
+    return True if ready is None else bool(ready())
 
 
 def _split(works: list, parts: int) -> list[list]:

@@ -13,7 +13,9 @@ runner's stage clocks, the worker's step statistics) and emits what those turns 
 emitted, as one `TokenRun` and the last turn's `Status`.
 
 What keeps the outcome the step-by-step one:
-  - the turns mirror `InstanceWorker.step`: with launch-ahead (`async_scheduling`) the step
+  - the turns mirror `InstanceWorker.step`: every pull has landed before the stretch (a worker
+    with a pull still in flight, landed at whichever later turn finds it done, steps turn by
+    turn); with launch-ahead (`async_scheduling`) the step
     launched at turn j is fetched at turn j + 1 and leaves out a request whose token in flight
     is its last (a request pulled at turn 0 is first fetched at turn 1); without, a decode batch
     runs as `pp` micro-batches (`worker._split`); stage times and the runner's stage booking use
@@ -67,6 +69,8 @@ def eligible(w: InstanceWorker, runner: SimRunner) -> bool:
         return False
     if w.role == "prefill" or w.preempted or (NO_PULLS and w.pulls):
         return False
+    if w.land_ready_pulls and not all(p[2].ready() for p in w.pulls):
+        return False  # a pull in flight lands at a later turn: step by step until it has
     s = w.scheduler
     run = s.running
     if s.waiting or len(getattr(s, "incoming", ())) != len(w.pulls) or not (run or w.pulls):

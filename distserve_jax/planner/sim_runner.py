@@ -116,6 +116,9 @@ class _Transfer:
     def __init__(self, clock: VirtualClock, done: float, num_bytes: int):
         self.clock, self.done, self.num_bytes = clock, done, num_bytes
 
+    def ready(self) -> bool:
+        return self.clock.t >= self.done
+
     def wait(self) -> None:
         if self.done > self.clock.t:
             self.clock.t = self.done

@@ -213,6 +213,11 @@ class PendingPull:
     offer: KVOffer
     started: float
 
+    def ready(self, timeout_s: float) -> bool:
+        """Whether `wait(timeout_s)` would return or raise at once (every leaf landed, or past the
+        watchdog's deadline)."""
+        return all(x.is_ready() for x in self.leaves) or time.monotonic() > self.started + timeout_s
+
     def wait(self, timeout_s: float) -> None:
         """Waits for every leaf with a watchdog; raises `KVPullError` on a transfer error or timeout."""
         deadline = self.started + timeout_s

@@ -37,6 +37,10 @@ class Transfer:
     def wait(self) -> None:
         jax.block_until_ready(self.arrays)
 
+    def ready(self) -> bool:
+        """Whether `wait` would return at once."""
+        return all(a.is_ready() for a in self.arrays)
+
 
 class KVMigrator:
     """Moves blocks from `src`'s cache into `dst`'s cache, layer by layer."""

@@ -68,6 +68,9 @@ def test_simulated_replay_makes_the_real_decisions(hf_checkpoint):
     recorders = {}
     for name, w in core.executor.workers.items():
         recorders[name] = w.runner = _Recorder(w.runner)
+        # Landing pulls as they finish depends on transfer timing, which a step-by-step replay
+        # cannot reproduce; both sides wait for every pull at the next step instead.
+        w.land_ready_pulls = False
     real = _drive(core, reqs, waves)
     core.shutdown()
     assert sum(p for _, _, p in real.values()) > 0, "the trace should make the decode cache preempt"
@@ -78,6 +81,8 @@ def test_simulated_replay_makes_the_real_decisions(hf_checkpoint):
                      max_model_len=KW["max_model_len"])
     ex = sim.SimExecutor(dep, toy_profile(), lockstep=True, record_steps=True,
                          step_models={n: ReplayTimes(r.times) for n, r in recorders.items()})
+    for w in ex.workers.values():
+        w.land_ready_pulls = False
     simulated = _drive(sim.make_controller(ex), [([0] * len(p), n) for p, n in reqs], waves)
     assert simulated == real
     for name, r in recorders.items():
