@@ -58,7 +58,7 @@ def _pin(core: int) -> None:
             pass
 
 
-def _sender(core: int, conn, sizes: list[int], repeats: int, server_kw: dict) -> None:
+def _sender(core: int, conn, sizes: list[float], repeats: int, server_kw: dict) -> None:
     _pin(core)
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     os.environ["JAX_PLATFORMS"] = "cpu"
@@ -93,7 +93,7 @@ def _sender(core: int, conn, sizes: list[int], repeats: int, server_kw: dict) ->
     srv.close()
 
 
-def _receiver(core: int, conn, out, sizes: list[int], repeats: int, server_kw: dict) -> None:
+def _receiver(core: int, conn, out, sizes: list[float], repeats: int, server_kw: dict) -> None:
     _pin(core)
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     os.environ["JAX_PLATFORMS"] = "cpu"

@@ -38,7 +38,8 @@ from distserve_jax.scheduler.policies import ChunkedPrefillScheduler, Scheduler
 from distserve_jax.scheduler.request import Request, RequestStatus
 
 Emit = Callable[[Any], None]
-# kv_pull(pull command, dst_blocks) -> a transfer with wait() and num_bytes (both may raise KVSourceError)
+# kv_pull(pull command, dst_blocks) -> a transfer with wait(), num_bytes (both may raise KVSourceError) and,
+# optionally, ready() (see `transfer_ready`)
 KVPull = Callable[[Any, list[int]], Any]
 
 class KVSourceError(RuntimeError):
@@ -374,7 +375,7 @@ class InstanceWorker:
         if not self.pulls:
             return False
         if self.land_ready_pulls:
-            done = [_ready(p[2]) for p in self.pulls]
+            done = [transfer_ready(p[2]) for p in self.pulls]
             if not any(done) and self.inflight is None and not self.scheduler.running:
                 done[0] = True  # nothing else to run: wait for the oldest
             if not any(done):
@@ -398,7 +399,7 @@ class InstanceWorker:
         return True
 
 
-def _ready(transfer: Any) -> bool:
+def transfer_ready(transfer: Any) -> bool:
     """Whether a pull can land without waiting (or has failed: `wait` raises at once). A transfer
     without `ready` is waited for."""
     ready = getattr(transfer, "ready", None)

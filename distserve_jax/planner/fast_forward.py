@@ -37,7 +37,7 @@ from typing import Any
 
 from distserve_jax.engine import messages as m
 from distserve_jax.engine.step_launcher import InFlightStep
-from distserve_jax.engine.worker import InstanceWorker
+from distserve_jax.engine.worker import InstanceWorker, transfer_ready
 from distserve_jax.planner.sim_runner import SAMPLE_TOKEN, SimRunner, _Pending
 from distserve_jax.scheduler.batch import ScheduledSeq, SchedulerOutput
 from distserve_jax.scheduler.request import RequestStatus
@@ -69,7 +69,7 @@ def eligible(w: InstanceWorker, runner: SimRunner) -> bool:
         return False
     if w.role == "prefill" or w.preempted or (NO_PULLS and w.pulls):
         return False
-    if w.land_ready_pulls and not all(p[2].ready() for p in w.pulls):
+    if w.land_ready_pulls and not all(transfer_ready(p[2]) for p in w.pulls):
         return False  # a pull in flight lands at a later turn: step by step until it has
     s = w.scheduler
     run = s.running

@@ -216,12 +216,15 @@ class PendingPull:
     def ready(self, timeout_s: float) -> bool:
         """Whether `wait(timeout_s)` would return or raise at once (every leaf landed, or past the
         watchdog's deadline)."""
-        return all(x.is_ready() for x in self.leaves) or time.monotonic() > self.started + timeout_s
+        return self._landed() or time.monotonic() > self.started + timeout_s
+
+    def _landed(self) -> bool:
+        return all(x.is_ready() for x in self.leaves)
 
     def wait(self, timeout_s: float) -> None:
         """Waits for every leaf with a watchdog; raises `KVPullError` on a transfer error or timeout."""
         deadline = self.started + timeout_s
-        while not all(x.is_ready() for x in self.leaves):
+        while not self._landed():
             if time.monotonic() > deadline:
                 raise KVPullError(f"KV pull from {self.offer.address} did not finish within {timeout_s:.0f}s")
             time.sleep(0.001)

@@ -39,8 +39,8 @@ def _decode_worker(land_ready_pulls=True):
     return w, transfers, events
 
 
-def _pull(rid, max_tokens=50):
-    st = m.RequestState(rid, (5,) * 20, (7,), SamplingParams(temperature=0.0), 0, max_tokens, 0.0,
+def _pull(rid):
+    st = m.RequestState(rid, (5,) * 20, (7,), SamplingParams(temperature=0.0), 0, 50, 0.0,
                         num_computed_tokens=20)
     return m.Pull(st, "prefill-0", tuple(range(1, 3)))
 
